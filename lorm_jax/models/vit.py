@@ -1,0 +1,285 @@
+"""A Vision Transformer in Flax NNX with LoRA on its linear layers.
+
+Pre-norm blocks, class token, learned position embeddings, optional
+LayerScale: enough to host both the AugReg ViT-B/16 (the paper's backbone) and
+the DINOv2-style ViT-S/14 (the embedded default).
+
+Variable types split the model into separable pytrees:
+
+  nnx.Param   the frozen backbone (W0, biases, norms, embeddings)
+  LoraA       LoRA factor a, (in, r) per adapted layer
+  LoraB       LoRA factor b, (r, out) per adapted layer
+  HeadParam   the linear classifier (trained fully)
+  GramStat    Gram statistics sown during a Gram pass (not parameters)
+
+so `nnx.split(model, nnx.Param, LoraA, LoraB, HeadParam)` gives the frozen
+part and the per-client trainable parts. All kernels use the Flax layout
+(in, out); the adapted kernel is W0 + a @ b with no alpha/r scaling.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lorm_jax import grams as grams_lib
+
+GramMode = Literal['diag', 'full'] | None
+
+
+class LoraA(nnx.Variable):
+  """LoRA down-projection a, shape (in, r)."""
+
+
+class LoraB(nnx.Variable):
+  """LoRA up-projection b, shape (r, out)."""
+
+
+class HeadParam(nnx.Variable):
+  """Classifier parameters (kernel (D, K), bias (K,))."""
+
+
+class GramStat(nnx.Variable):
+  """A Gram statistic sown by a layer during a Gram pass."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+  """Architecture of a ViT; hashable so it can be a static jit argument."""
+  image_size: int = 224
+  patch_size: int = 16
+  width: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  mlp_dim: int = 3072
+  num_classes: int = 100
+  lora_rank: int = 1
+  layerscale: bool = False
+  ln_eps: float = 1e-6
+  gelu_approximate: bool = False
+  dtype: str = 'float32'  # compute dtype of the backbone matmuls
+
+  @property
+  def grid(self) -> int:
+    return self.image_size // self.patch_size
+
+  @property
+  def num_tokens(self) -> int:
+    return self.grid * self.grid + 1
+
+  def validate(self) -> None:
+    if self.image_size % self.patch_size:
+      raise ValueError(f'image_size {self.image_size} is not a multiple of '
+                       f'patch_size {self.patch_size}')
+    if self.width % self.num_heads:
+      raise ValueError(f'width {self.width} not divisible by num_heads {self.num_heads}')
+    if self.lora_rank < 1:
+      raise ValueError(f'lora_rank must be >= 1, got {self.lora_rank}')
+
+
+VIT_S14 = dict(patch_size=14, width=384, depth=12, num_heads=6, mlp_dim=1536,
+               layerscale=True, ln_eps=1e-6, gelu_approximate=False)
+VIT_B16 = dict(patch_size=16, width=768, depth=12, num_heads=12, mlp_dim=3072,
+               layerscale=False, ln_eps=1e-6, gelu_approximate=False)
+VARIANTS = {'S/14': VIT_S14, 'B/16': VIT_B16}
+
+
+def lora_param_count(cfg: ViTConfig) -> int:
+  """Trainable LoRA numbers: per block r * (in + out) for qkv, proj, fc1, fc2."""
+  d, m, r = cfg.width, cfg.mlp_dim, cfg.lora_rank
+  per_block = r * ((d + 3 * d) + (d + d) + (d + m) + (m + d))
+  return cfg.depth * per_block
+
+
+def head_param_count(cfg: ViTConfig) -> int:
+  return cfg.width * cfg.num_classes + cfg.num_classes
+
+
+class LoRALinear(nnx.Module):
+  """y = x @ W0 + (x @ a) @ b + bias, with W0 (in, out) frozen.
+
+  a is initialised U(-1/sqrt(in), 1/sqrt(in)) and b = 0, so a fresh layer
+  computes exactly x @ W0 + bias.
+  """
+
+  def __init__(self, in_features: int, out_features: int, rank: int, *,
+               dtype: str, rngs: nnx.Rngs):
+    bound = 1.0 / math.sqrt(in_features)
+    self.kernel = nnx.Param(jax.random.normal(rngs.params(), (in_features, out_features))
+                            * (1.0 / math.sqrt(in_features)))
+    self.bias = nnx.Param(jnp.zeros((out_features,)))
+    self.lora_a = LoraA(jax.random.uniform(rngs.params(), (in_features, rank),
+                                           minval=-bound, maxval=bound))
+    self.lora_b = LoraB(jnp.zeros((rank, out_features)))
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array, gram_mode: GramMode = None,
+               sample_weights: jax.Array | None = None) -> jax.Array:
+    if gram_mode == 'diag':
+      self.sow(GramStat, 'gram', grams_lib.gram_diag(x, sample_weights))
+    elif gram_mode == 'full':
+      self.sow(GramStat, 'gram', grams_lib.gram_full(x, sample_weights))
+    dt = jnp.dtype(self.dtype)
+    xc = x.astype(dt)
+    y = jnp.dot(xc, self.kernel[...].astype(dt), preferred_element_type=jnp.float32)
+    low = jnp.dot(xc, self.lora_a[...].astype(dt), preferred_element_type=jnp.float32)
+    y = y + jnp.dot(low.astype(dt), self.lora_b[...].astype(dt),
+                    preferred_element_type=jnp.float32)
+    return y + self.bias[...]
+
+
+class LayerNorm(nnx.Module):
+  def __init__(self, dim: int, eps: float):
+    self.scale = nnx.Param(jnp.ones((dim,)))
+    self.bias = nnx.Param(jnp.zeros((dim,)))
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+
+
+class Attention(nnx.Module):
+  def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+    d = cfg.width
+    self.num_heads = cfg.num_heads
+    self.dtype = cfg.dtype
+    self.qkv = LoRALinear(d, 3 * d, cfg.lora_rank, dtype=cfg.dtype, rngs=rngs)
+    self.proj = LoRALinear(d, d, cfg.lora_rank, dtype=cfg.dtype, rngs=rngs)
+
+  def __call__(self, x, gram_mode=None, sample_weights=None):
+    b, n, d = x.shape
+    h = self.num_heads
+    qkv = self.qkv(x, gram_mode, sample_weights).reshape(b, n, 3, h, d // h)
+    q, k, v = (qkv[:, :, i].astype(jnp.dtype(self.dtype)) for i in range(3))
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k,
+                        preferred_element_type=jnp.float32) / math.sqrt(d // h)
+    attn = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
+    out = jnp.einsum('bhqk,bkhd->bqhd', attn, v, preferred_element_type=jnp.float32)
+    return self.proj(out.reshape(b, n, d), gram_mode, sample_weights)
+
+
+class Mlp(nnx.Module):
+  def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+    self.fc1 = LoRALinear(cfg.width, cfg.mlp_dim, cfg.lora_rank, dtype=cfg.dtype, rngs=rngs)
+    self.fc2 = LoRALinear(cfg.mlp_dim, cfg.width, cfg.lora_rank, dtype=cfg.dtype, rngs=rngs)
+    self.approximate = cfg.gelu_approximate
+
+  def __call__(self, x, gram_mode=None, sample_weights=None):
+    x = jax.nn.gelu(self.fc1(x, gram_mode, sample_weights), approximate=self.approximate)
+    return self.fc2(x, gram_mode, sample_weights)
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block: x + ls1*attn(ln1(x)); x + ls2*mlp(ln2(x))."""
+
+  def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+    self.norm1 = LayerNorm(cfg.width, cfg.ln_eps)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.norm2 = LayerNorm(cfg.width, cfg.ln_eps)
+    self.mlp = Mlp(cfg, rngs=rngs)
+    if cfg.layerscale:
+      self.ls1 = nnx.Param(jnp.ones((cfg.width,)))
+      self.ls2 = nnx.Param(jnp.ones((cfg.width,)))
+    else:
+      self.ls1 = self.ls2 = None
+
+  def __call__(self, x, gram_mode=None, sample_weights=None):
+    y = self.attn(self.norm1(x), gram_mode, sample_weights)
+    x = x + (y * self.ls1[...] if self.ls1 is not None else y)
+    y = self.mlp(self.norm2(x), gram_mode, sample_weights)
+    return x + (y * self.ls2[...] if self.ls2 is not None else y)
+
+
+class Head(nnx.Module):
+  """Linear classifier over all classes of the benchmark: kernel (D, K)."""
+
+  def __init__(self, width: int, num_classes: int):
+    self.kernel = HeadParam(jnp.zeros((width, num_classes)))
+    self.bias = HeadParam(jnp.zeros((num_classes,)))
+
+  def __call__(self, feats, collect_gram: bool = False, sample_weights=None):
+    if collect_gram:
+      self.sow(GramStat, 'gram', grams_lib.gram_full(feats, sample_weights))
+    return feats @ self.kernel[...] + self.bias[...]
+
+
+class ViT(nnx.Module):
+  """images (B, H, W, 3) float32 -> logits (B, num_classes).
+
+  `gram_mode` ('diag' | 'full' | None) makes every LoRA layer sow the Gram of
+  its input (all tokens, weighted per sample by `sample_weights`, e.g. a 0/1
+  padding mask); `head_gram` sows the head input's full Gram.
+  """
+
+  def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+    cfg.validate()
+    self.cfg = cfg
+    p, d = cfg.patch_size, cfg.width
+    self.patch_kernel = nnx.Param(jax.random.normal(rngs.params(), (p, p, 3, d)) * 0.02)
+    self.patch_bias = nnx.Param(jnp.zeros((d,)))
+    self.cls_token = nnx.Param(jnp.zeros((1, 1, d)))
+    self.pos_embed = nnx.Param(jax.random.normal(rngs.params(), (1, cfg.num_tokens, d)) * 0.02)
+    self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
+    self.norm = LayerNorm(d, cfg.ln_eps)
+    self.head = Head(d, cfg.num_classes)
+
+  def embed(self, images: jax.Array) -> jax.Array:
+    """(B, H, W, 3) -> tokens (B, 1 + grid^2, D): patchify as a matmul."""
+    cfg = self.cfg
+    b, hgt, wid, c = images.shape
+    if hgt != cfg.image_size or wid != cfg.image_size:
+      raise ValueError(f'expected {cfg.image_size}x{cfg.image_size} images, got {hgt}x{wid}')
+    p, g = cfg.patch_size, cfg.grid
+    x = images.reshape(b, g, p, g, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, g * g, p * p * c)
+    x = x @ self.patch_kernel[...].reshape(p * p * c, cfg.width) + self.patch_bias[...]
+    cls = jnp.broadcast_to(self.cls_token[...], (b, 1, cfg.width))
+    return jnp.concatenate([cls, x], axis=1) + self.pos_embed[...]
+
+  def features(self, images: jax.Array, gram_mode: GramMode = None,
+               sample_weights: jax.Array | None = None) -> jax.Array:
+    """Final-norm class-token features (B, D)."""
+    x = self.embed(images)
+    for block in self.blocks:
+      x = block(x, gram_mode, sample_weights)
+    return self.norm(x)[:, 0]
+
+  def __call__(self, images: jax.Array, gram_mode: GramMode = None,
+               head_gram: bool = False, sample_weights: jax.Array | None = None) -> jax.Array:
+    feats = self.features(images, gram_mode, sample_weights)
+    return self.head(feats, head_gram, sample_weights)
+
+
+def resample_posemb(posemb: jax.Array, new_grid: int) -> jax.Array:
+  """Bicubically resizes (1, 1 + g*g, D) position embeddings to new_grid^2 + 1."""
+  cls, grid = posemb[:, :1], posemb[0, 1:]
+  old = int(round(math.sqrt(grid.shape[0])))
+  if old * old != grid.shape[0]:
+    raise ValueError(f'position embedding of {grid.shape[0]} tokens is not a square grid')
+  if old == new_grid:
+    return posemb
+  grid = grid.reshape(old, old, -1)
+  grid = jax.image.resize(grid, (new_grid, new_grid, grid.shape[-1]), 'bicubic')
+  return jnp.concatenate([cls, grid.reshape(1, new_grid * new_grid, -1)], axis=1)
+
+
+def split_model(model: ViT):
+  """-> (graphdef, frozen, lora_a, lora_b, head) states."""
+  return nnx.split(model, nnx.Param, LoraA, LoraB, HeadParam)
+
+
+def init_lora(key: jax.Array, lora_a_state, lora_b_state):
+  """Fresh LoRA for a new task: b = 0, a ~ U(-1/sqrt(in), 1/sqrt(in)).
+
+  Works on the pure-dict states of LoraA / LoraB (leaves (in, r) / (r, out)).
+  """
+  leaves, treedef = jax.tree.flatten(lora_a_state)
+  keys = jax.random.split(key, len(leaves))
+  new = [jax.random.uniform(k, x.shape, x.dtype, -1.0 / math.sqrt(x.shape[0]),
+                            1.0 / math.sqrt(x.shape[0])) for k, x in zip(keys, leaves)]
+  return jax.tree.unflatten(treedef, new), jax.tree.map(jnp.zeros_like, lora_b_state)
