@@ -1,0 +1,22 @@
+"""Federated methods as strategy objects, selected by `config.method`."""
+from __future__ import annotations
+
+from ml_collections import ConfigDict
+
+from lorm_jax.methods.base import ClientResults, GramRequest, Method
+from lorm_jax.methods.fedavg import FedAvg
+from lorm_jax.methods.lorm import LoRM
+
+METHODS: dict[str, type[Method]] = {
+    'lorm': LoRM,
+    'fedavg': FedAvg,
+}
+
+
+def make_method(name: str, config: ConfigDict) -> Method:
+  if name not in METHODS:
+    raise ValueError(f'unknown method {name!r}; available: {", ".join(sorted(METHODS))}')
+  return METHODS[name](config)
+
+
+__all__ = ['ClientResults', 'GramRequest', 'Method', 'METHODS', 'make_method']

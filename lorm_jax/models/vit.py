@@ -271,15 +271,3 @@ def resample_posemb(posemb: jax.Array, new_grid: int) -> jax.Array:
 def split_model(model: ViT):
   """-> (graphdef, frozen, lora_a, lora_b, head) states."""
   return nnx.split(model, nnx.Param, LoraA, LoraB, HeadParam)
-
-
-def init_lora(key: jax.Array, lora_a_state, lora_b_state):
-  """Fresh LoRA for a new task: b = 0, a ~ U(-1/sqrt(in), 1/sqrt(in)).
-
-  Works on the pure-dict states of LoraA / LoraB (leaves (in, r) / (r, out)).
-  """
-  leaves, treedef = jax.tree.flatten(lora_a_state)
-  keys = jax.random.split(key, len(leaves))
-  new = [jax.random.uniform(k, x.shape, x.dtype, -1.0 / math.sqrt(x.shape[0]),
-                            1.0 / math.sqrt(x.shape[0])) for k, x in zip(keys, leaves)]
-  return jax.tree.unflatten(treedef, new), jax.tree.map(jnp.zeros_like, lora_b_state)

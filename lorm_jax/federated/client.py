@@ -1,0 +1,159 @@
+"""Per-client pure functions: local training, the Gram pass and prediction.
+
+Each function handles ONE client; `lorm_jax.federated.simulate` vmaps them
+over a leading client axis. Data never leaves the device: the whole uint8
+training set is an input, a client's batches are index arrays (S, B) plus a
+0/1 mask (S, B), and augmentation runs inside the step.
+
+Parameters are the flat dicts of `lorm_jax.models.functional`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lorm_jax.models.functional import Flat, FunctionalViT
+
+Preprocess = Callable[[jax.Array, jax.Array], jax.Array]  # (key, uint8 (B,H,W,C)) -> f32
+# extra_loss(trainable, fixed, batch) -> scalar, for methods that regularise.
+ExtraLoss = Callable[..., jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalSpec:
+  """What a client trains in one round (static under jit).
+
+  factors: the LoRA factors trained this round, a subset of ('a', 'b'); the
+  others stay at the server's value. A fresh AdamW per round, as the reference.
+  """
+  factors: tuple[str, ...]
+  lr_lora: float
+  lr_head: float
+  weight_decay: float = 0.0
+  train_head: bool = True
+
+
+def make_optimizer(spec: LocalSpec) -> optax.GradientTransformation:
+  """AdamW (default betas) with one learning rate for LoRA and one for the head."""
+  def labels(params):
+    return {k: jax.tree.map(lambda _: k if k == 'head' else 'lora', v) for k, v in params.items()}
+  return optax.multi_transform(
+      {'lora': optax.adamw(spec.lr_lora, weight_decay=spec.weight_decay),
+       'head': optax.adamw(spec.lr_head, weight_decay=spec.weight_decay)}, labels)
+
+
+def split_trainable(spec: LocalSpec, a: Flat, b: Flat, head: Flat) -> tuple[dict, dict]:
+  """-> (trainable, fixed), each a dict with some of the keys 'a', 'b', 'head'."""
+  every = {'a': a, 'b': b, 'head': head}
+  names = set(spec.factors) | ({'head'} if spec.train_head else set())
+  return ({k: v for k, v in every.items() if k in names},
+          {k: v for k, v in every.items() if k not in names})
+
+
+def masked_cross_entropy(logits: jax.Array, labels: jax.Array, class_mask: jax.Array,
+                         weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Cross-entropy over the classes in class_mask (K,) only; mean over weights (B,).
+
+  Returns (mean loss, number of correct predictions among weighted samples).
+  """
+  logits = jnp.where(class_mask[None, :], logits, -1e9)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  nll = -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
+  denom = jnp.maximum(jnp.sum(weights), 1.0)
+  correct = jnp.sum((jnp.argmax(logits, -1) == labels) * weights)
+  return jnp.sum(nll * weights) / denom, correct
+
+
+def local_train(model: FunctionalViT, spec: LocalSpec, preprocess: Preprocess,
+                frozen: Flat, a: Flat, b: Flat, head: Flat,
+                images: jax.Array, labels: jax.Array, idx: jax.Array, mask: jax.Array,
+                key: jax.Array, class_mask: jax.Array,
+                extra_loss: ExtraLoss | None = None, extra: dict | None = None,
+                ) -> tuple[Flat, Flat, Flat, dict]:
+  """One client's local training: scan over S steps of batch B.
+
+  images (N, H, W, C) uint8 and labels (N,) int32 are the whole training
+  set; idx/mask (S, B) select this client's batches. Steps whose mask is all
+  zero leave parameters and optimizer state untouched.
+  Returns (a, b, head, stats) with stats = {loss_sum, correct, seen, steps}.
+  """
+  trainable, fixed = split_trainable(spec, a, b, head)
+  opt = make_optimizer(spec)
+
+  def loss_fn(trainable, x, y, w):
+    p = {**fixed, **trainable}
+    logits, _, _ = model.apply(frozen, p['a'], p['b'], p['head'], x)
+    loss, correct = masked_cross_entropy(logits, y, class_mask, w)
+    if extra_loss is not None:
+      loss = loss + extra_loss(p, x, y, w, logits, extra)
+    return loss, correct
+
+  def step(carry, inputs):
+    params, opt_state = carry
+    s, batch_idx, w = inputs
+    x = preprocess(jax.random.fold_in(key, s), images[batch_idx])
+    y = labels[batch_idx]
+    (loss, correct), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, y, w)
+    updates, new_opt_state = opt.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    live = jnp.sum(w) > 0
+    keep = lambda new, old: jnp.where(live, new, old)
+    params = jax.tree.map(keep, new_params, params)
+    opt_state = jax.tree.map(keep, new_opt_state, opt_state)
+    return (params, opt_state), (loss * jnp.sum(w), correct, jnp.sum(w), live)
+
+  steps = jnp.arange(idx.shape[0])
+  (trainable, _), (loss_sum, correct, seen, live) = jax.lax.scan(
+      step, (trainable, opt.init(trainable)), (steps, idx, mask))
+  p = {**fixed, **trainable}
+  stats = {'loss_sum': jnp.sum(loss_sum), 'correct': jnp.sum(correct),
+           'seen': jnp.sum(seen), 'steps': jnp.sum(live)}
+  return p['a'], p['b'], p['head'], stats
+
+
+def gram_pass(model: FunctionalViT, preprocess: Preprocess, gram_mode: str | None,
+              head_gram: bool, frozen: Flat, a: Flat, b: Flat, head: Flat,
+              images: jax.Array, idx: jax.Array, mask: jax.Array, key: jax.Array,
+              ) -> tuple[Flat, jax.Array | None]:
+  """Sums the Grams of every LoRA layer's input over a client's batches.
+
+  One forward per batch (S, B) with the given model; all tokens; padded
+  samples weigh 0. Returns ({layer: (in,) or (in, in)}, head Gram (D, D)).
+  """
+  d = model.cfg.width
+
+  def zeros_for(name):
+    n = a[name].shape[0]
+    return jnp.zeros((n,) if gram_mode == 'diag' else (n, n), jnp.float32)
+
+  init = ({k: zeros_for(k) for k in a} if gram_mode else {},
+          jnp.zeros((d, d), jnp.float32) if head_gram else None)
+
+  def step(carry, inputs):
+    acc, hacc = carry
+    s, batch_idx, w = inputs
+    x = preprocess(jax.random.fold_in(key, s), images[batch_idx])
+    _, g, hg = model.apply(frozen, a, b, head, x, gram_mode=gram_mode, head_gram=head_gram,
+                           sample_weights=w, features_only=not head_gram)
+    acc = {k: acc[k] + g[k] for k in acc}
+    return (acc, hacc + hg if head_gram else None), None
+
+  steps = jnp.arange(idx.shape[0])
+  (acc, hacc), _ = jax.lax.scan(step, init, (steps, idx, mask))
+  return acc, hacc
+
+
+def predict(model: FunctionalViT, preprocess: Preprocess, frozen: Flat, a: Flat, b: Flat,
+            head: Flat, images: jax.Array, idx: jax.Array) -> jax.Array:
+  """Logits (S, B, K) for the samples idx (S, B) of `images`; deterministic preprocessing."""
+  key = jax.random.key(0)  # test-time preprocessing draws no randomness
+
+  def step(_, batch_idx):
+    logits, _, _ = model.apply(frozen, a, b, head, preprocess(key, images[batch_idx]))
+    return None, logits
+
+  return jax.lax.scan(step, None, idx)[1]

@@ -1,0 +1,100 @@
+"""The strategy interface every federated method implements.
+
+The loop in `lorm_jax.federated.simulate` owns data, batching, vmapping,
+checkpointing and evaluation; a method only says, as pure functions over
+pytrees (fedjax style):
+
+  begin_task    server state at the start of task t (e.g. fresh LoRA)
+  local_spec    which parameters clients train in round r, learning rates
+  gram_request  which Grams the clients collect after training
+  gram_model    backbone kernel deltas and b scale of the Gram-pass model
+  aggregate     server update from the stacked client results
+  end_task      cross-task consolidation after the last round of a task
+  eval_model    kernel deltas and LoRA the evaluated model uses
+
+The server state is a dict pytree {'a', 'b', 'head', 'extra'} of flat dicts
+(see `lorm_jax.models.functional`); 'extra' holds method accumulators and is
+checkpointed with the rest.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from ml_collections import ConfigDict
+
+from lorm_jax.federated.client import LocalSpec
+from lorm_jax.models import functional as F
+
+Server = dict[str, Any]
+
+
+class GramRequest(NamedTuple):
+  backbone: str | None  # 'diag', 'full' or None
+  head: bool
+
+
+class ClientResults(NamedTuple):
+  """Stacked over the client axis C (padded clients included, weight 0)."""
+  a: F.Flat        # {layer: (C, in, r)}
+  b: F.Flat        # {layer: (C, r, out)}
+  head: F.Flat     # {'kernel': (C, D, K), 'bias': (C, K)}
+  grams: F.Flat    # {layer: (C, in) or (C, in, in)} or {}
+  head_grams: jax.Array | None  # (C, D, D)
+  num_samples: jax.Array        # (C,) float32, 0 for padded clients
+
+
+@dataclasses.dataclass
+class Method:
+  """Base strategy: FedAvg-style defaults that subclasses override."""
+  config: ConfigDict
+  name: str = 'base'
+
+  # -- task boundaries -------------------------------------------------------
+  def init_server(self, params: F.Params, head: F.Flat, key: jax.Array) -> Server:
+    a, b = F.init_lora(key, params.a, params.b)
+    return {'a': a, 'b': b, 'head': head, 'extra': self.init_extra(params)}
+
+  def init_extra(self, params: F.Params) -> dict:
+    return {}
+
+  def begin_task(self, server: Server, task: int, key: jax.Array) -> Server:
+    """Default: a fresh LoRA for every task (b = 0, a uniform)."""
+    a, b = F.init_lora(key, server['a'], server['b'])
+    return {**server, 'a': a, 'b': b}
+
+  def end_task_gram_request(self) -> GramRequest | None:
+    return None
+
+  def end_task(self, server: Server, task: int, task_grams: F.Flat | None) -> Server:
+    return server
+
+  # -- rounds ---------------------------------------------------------------
+  def local_spec(self, task: int, rnd: int) -> LocalSpec:
+    raise NotImplementedError
+
+  def gram_request(self, task: int, rnd: int) -> GramRequest | None:
+    return None
+
+  def gram_model(self, server: Server, task: int) -> tuple[F.Flat, float]:
+    """(kernel deltas added to W0, scale applied to b) for Gram passes."""
+    return {}, 1.0
+
+  def aggregate(self, server: Server, results: ClientResults, task: int, rnd: int
+                ) -> tuple[Server, dict]:
+    raise NotImplementedError
+
+  # -- evaluation -----------------------------------------------------------
+  def train_deltas(self, server: Server, task: int) -> F.Flat:
+    """Kernel deltas on top of W0 in the local-training forward (default none)."""
+    return {}
+
+  def eval_model(self, server: Server, task: int) -> tuple[F.Flat, F.Flat, F.Flat]:
+    """(kernel deltas, a, b) of the evaluated model; default: W0 + a @ b."""
+    return {}, server['a'], server['b']
+
+
+def zeros_like_tree(tree):
+  return jax.tree.map(jnp.zeros_like, tree)

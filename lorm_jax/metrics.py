@@ -1,0 +1,71 @@
+"""Continual-learning metrics and the JSON-lines metrics log."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+
+def forgetting(acc: np.ndarray) -> float:
+  """Mean over j < T-1 of acc[j, j] - acc[T-1, j] for a (T, T) accuracy matrix.
+
+  acc[i, j] is the accuracy after task i on task j's test set (NaN for j > i).
+  Returns 0.0 for a single task.
+  """
+  t = acc.shape[0]
+  if t < 2:
+    return 0.0
+  return float(np.mean([acc[j, j] - acc[t - 1, j] for j in range(t - 1)]))
+
+
+def seen_class_accuracy(logits: np.ndarray, labels: np.ndarray, seen_mask: np.ndarray,
+                        task_of_label: np.ndarray, num_tasks_seen: int
+                        ) -> tuple[float, np.ndarray]:
+  """Accuracy with logits restricted to the seen classes.
+
+  logits (N, K), labels (N,), seen_mask (K,) bool, task_of_label (K,) int.
+  Returns (sample-weighted accuracy over all N, per-task accuracies (num_tasks_seen,)).
+  """
+  masked = np.where(seen_mask[None, :], logits, -np.inf)
+  correct = np.argmax(masked, axis=-1) == labels
+  tasks = task_of_label[labels]
+  per_task = np.array([correct[tasks == j].mean() if np.any(tasks == j) else np.nan
+                       for j in range(num_tasks_seen)])
+  return float(correct.mean()), per_task
+
+
+class MetricsLog:
+  """Appends one JSON object per line to `path`; `truncate(n)` keeps the first n lines.
+
+  Resuming a run truncates to the line count stored in the checkpoint, so a
+  killed-and-resumed run writes the same file as an uninterrupted one.
+  """
+
+  def __init__(self, path: str):
+    self.path = path
+    self.lines = 0
+    if os.path.exists(path):
+      with open(path) as f:
+        self.lines = sum(1 for _ in f)
+
+  def truncate(self, n: int) -> None:
+    kept = []
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        kept = [line for _, line in zip(range(n), f)]
+    with open(self.path, 'w') as f:
+      f.writelines(kept)
+    self.lines = len(kept)
+
+  def write(self, record: dict[str, Any]) -> None:
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(record, sort_keys=True) + '\n')
+    self.lines += 1
+
+  def read(self) -> list[dict[str, Any]]:
+    if not os.path.exists(self.path):
+      return []
+    with open(self.path) as f:
+      return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,141 @@
+"""Pure-function view of the NNX ViT: flat dicts of arrays in, arrays out.
+
+The federated code works on plain pytrees so it can vmap clients, merge
+layers and checkpoint without NNX objects:
+
+  frozen  {'blocks.0.attn.qkv.kernel': (in, out), ...}  every nnx.Param
+  a       {'blocks.0.attn.qkv': (in, r), ...}            LoRA a per layer
+  b       {'blocks.0.attn.qkv': (r, out), ...}           LoRA b per layer
+  head    {'kernel': (D, K), 'bias': (K,)}
+
+`apply` rebuilds the module with `nnx.merge` (trace-time only under jit) and
+returns the logits plus the Grams sown by the layers, keyed like `a`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lorm_jax.models import vit
+
+Flat = dict[str, jax.Array]
+
+
+def _key(path) -> str:
+  return '.'.join(str(p) for p in path)
+
+
+def _to_flat(state: nnx.State, drop_last: bool) -> Flat:
+  out = {}
+  for path, var in state.flat_state():
+    out[_key(path[:-1] if drop_last else path)] = var.get_value()
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+  """The model's parameters as four flat dicts (see module docstring)."""
+  frozen: Flat
+  a: Flat
+  b: Flat
+  head: Flat
+
+
+class FunctionalViT:
+  """Holds the graph definition and state templates of a `vit.ViT`."""
+
+  def __init__(self, model: vit.ViT):
+    self.cfg: vit.ViTConfig = model.cfg
+    self.graphdef, frozen, a, b, head = vit.split_model(model)
+    self._templates = [list(s.flat_state()) for s in (frozen, a, b, head)]
+    self._drop_last = (False, True, True, False)
+    self._initial = Params(*(_to_flat(s, d) for s, d in
+                             zip((frozen, a, b, head), self._drop_last)))
+
+  @property
+  def layer_names(self) -> list[str]:
+    """LoRA-adapted layers, e.g. 'blocks.0.attn.qkv' (sorted)."""
+    return sorted(self._initial.a)
+
+  def initial_params(self) -> Params:
+    return self._initial
+
+  def _state(self, which: int, flat: Flat) -> nnx.State:
+    drop = self._drop_last[which]
+    pairs = []
+    for path, var in self._templates[which]:
+      value = flat[_key(path[:-1] if drop else path)]
+      pairs.append((path, type(var)(value)))
+    return nnx.State.from_flat_path(pairs)
+
+  def module(self, frozen: Flat, a: Flat, b: Flat, head: Flat) -> vit.ViT:
+    states = [self._state(i, f) for i, f in enumerate((frozen, a, b, head))]
+    return nnx.merge(self.graphdef, *states)
+
+  def apply(self, frozen: Flat, a: Flat, b: Flat, head: Flat, images: jax.Array, *,
+            gram_mode: vit.GramMode = None, head_gram: bool = False,
+            sample_weights: jax.Array | None = None,
+            features_only: bool = False) -> tuple[jax.Array, Flat, jax.Array | None]:
+    """images (B, S, S, 3) -> (logits (B, K) or features (B, D), grams, head_gram).
+
+    grams: {layer: (in,) if gram_mode == 'diag' else (in, in)}, empty when
+    gram_mode is None; head_gram: (D, D) or None.
+    """
+    model = self.module(frozen, a, b, head)
+    if features_only:
+      out = model.features(images, gram_mode, sample_weights)
+    else:
+      out = model(images, gram_mode, head_gram, sample_weights)
+    layer_grams, hgram = {}, None
+    if gram_mode is not None or head_gram:
+      for path, var in nnx.pop(model, vit.GramStat).flat_state():
+        value = var.get_value()
+        value = value[0] if isinstance(value, tuple) else value
+        if path[0] == 'head':
+          hgram = value
+        else:
+          layer_grams[_key(path[:-1])] = value
+    return out, layer_grams, hgram
+
+
+def kernel_key(layer: str) -> str:
+  return layer + '.kernel'
+
+
+def add_kernel_deltas(frozen: Flat, deltas: Flat) -> Flat:
+  """Returns frozen with kernel W0 + delta for every layer in `deltas` (in, out)."""
+  out = dict(frozen)
+  for layer, d in deltas.items():
+    out[kernel_key(layer)] = frozen[kernel_key(layer)] + d.astype(frozen[kernel_key(layer)].dtype)
+  return out
+
+
+def lora_deltas(a: Flat, b: Flat) -> Flat:
+  """{layer: a @ b} (in, out)."""
+  return {k: a[k] @ b[k] for k in a}
+
+
+def tree_size_bytes(tree: Any) -> int:
+  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+
+
+def init_head(key: jax.Array, width: int, num_classes: int) -> Flat:
+  """torch.nn.Linear-style init: U(-1/sqrt(D), 1/sqrt(D)) for kernel and bias."""
+  bound = 1.0 / jnp.sqrt(width)
+  k1, k2 = jax.random.split(key)
+  return {'kernel': jax.random.uniform(k1, (width, num_classes), minval=-bound, maxval=bound),
+          'bias': jax.random.uniform(k2, (num_classes,), minval=-bound, maxval=bound)}
+
+
+def init_lora(key: jax.Array, a: Flat, b: Flat) -> tuple[Flat, Flat]:
+  """Fresh LoRA: a ~ U(-1/sqrt(in), 1/sqrt(in)) per layer (key folded by layer index), b = 0."""
+  new_a = {}
+  for i, name in enumerate(sorted(a)):
+    x = a[name]
+    bound = 1.0 / jnp.sqrt(x.shape[0])
+    new_a[name] = jax.random.uniform(jax.random.fold_in(key, i), x.shape, x.dtype, -bound, bound)
+  return new_a, {k: jnp.zeros_like(v) for k, v in b.items()}

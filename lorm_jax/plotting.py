@@ -1,0 +1,54 @@
+"""PNG plots written next to results.json."""
+from __future__ import annotations
+
+import os
+
+import matplotlib
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def plot_accuracy_curve(path: str, accuracies: list[float], title: str) -> None:
+  """Accuracy over all seen classes after each task."""
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  x = np.arange(1, len(accuracies) + 1)
+  ax.plot(x, 100 * np.asarray(accuracies), marker='o')
+  ax.set_xlabel('after task')
+  ax.set_ylabel('accuracy on seen classes (%)')
+  ax.set_xticks(x)
+  ax.set_ylim(0, 100)
+  ax.grid(alpha=0.3)
+  ax.set_title(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plot_accuracy_matrix(path: str, acc: np.ndarray, title: str) -> None:
+  """Heatmap of acc[i, j]: after task i (rows), on task j (columns)."""
+  t = acc.shape[0]
+  fig, ax = plt.subplots(figsize=(1.0 + 0.6 * t, 0.8 + 0.6 * t))
+  im = ax.imshow(100 * np.nan_to_num(acc, nan=0.0), vmin=0, vmax=100, cmap='viridis')
+  for i in range(t):
+    for j in range(i + 1):
+      ax.text(j, i, f'{100 * acc[i, j]:.0f}', ha='center', va='center', fontsize=7,
+              color='white' if acc[i, j] < 0.6 else 'black')
+  ax.set_xlabel('on task')
+  ax.set_ylabel('after task')
+  ax.set_xticks(range(t))
+  ax.set_yticks(range(t))
+  ax.set_title(title, fontsize=9)
+  fig.colorbar(im, ax=ax, fraction=0.046)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def write_plots(workdir: str, results: dict) -> list[str]:
+  title = f"{results['method']} on {results['dataset']} (beta={results['beta']}, seed={results['seed']})"
+  paths = [os.path.join(workdir, 'accuracy_per_task.png'),
+           os.path.join(workdir, 'accuracy_matrix.png')]
+  plot_accuracy_curve(paths[0], results['accuracy_per_task_end'], title)
+  plot_accuracy_matrix(paths[1], np.asarray(results['accuracy_matrix'], float), title)
+  return paths
