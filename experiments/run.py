@@ -5,7 +5,7 @@
 
 Rerunning the same command on the same workdir resumes from the last round.
 """
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from lorm_jax.federated import simulate
@@ -17,6 +17,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   results = simulate.run(_CONFIG.value, _WORKDIR.value)
   print(f"final accuracy {100 * results['final_accuracy']:.2f}%  "
         f"forgetting {100 * results['forgetting']:.2f}  "

@@ -174,7 +174,7 @@ def build_experiment(c: ConfigDict, workdir: str) -> Experiment:
   model = build_model(c, ds.num_classes)
   fmodel = F.FunctionalViT(model)
   name = c.dataset.preprocess or c.dataset.name
-  spec_train = augment.preset(name, c.image_size, train=c.augment)
+  spec_train = augment.preset(name, c.image_size, train=True, augment=c.augment)
   spec_test = augment.preset(name, c.image_size, train=False)
 
   def preprocess_train(key, images):

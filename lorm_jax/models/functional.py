@@ -29,11 +29,15 @@ def _key(path) -> str:
   return '.'.join(str(p) for p in path)
 
 
-def _to_flat(state: nnx.State, drop_last: bool) -> Flat:
-  out = {}
-  for path, var in state.flat_state():
-    out[_key(path[:-1] if drop_last else path)] = var.get_value()
-  return out
+# How a variable's path becomes its flat key, per state: the frozen backbone
+# keeps the full path, LoRA drops the leaf name ('lora_a'/'lora_b') so a and b
+# share layer keys, the head drops its module name.
+_KEY_FNS = (lambda p: _key(p), lambda p: _key(p[:-1]), lambda p: _key(p[:-1]),
+            lambda p: _key(p[1:]))
+
+
+def _to_flat(state: nnx.State, which: int) -> Flat:
+  return {_KEY_FNS[which](path): var.get_value() for path, var in state.flat_state()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,9 +56,7 @@ class FunctionalViT:
     self.cfg: vit.ViTConfig = model.cfg
     self.graphdef, frozen, a, b, head = vit.split_model(model)
     self._templates = [list(s.flat_state()) for s in (frozen, a, b, head)]
-    self._drop_last = (False, True, True, False)
-    self._initial = Params(*(_to_flat(s, d) for s, d in
-                             zip((frozen, a, b, head), self._drop_last)))
+    self._initial = Params(*(_to_flat(s, i) for i, s in enumerate((frozen, a, b, head))))
 
   @property
   def layer_names(self) -> list[str]:
@@ -65,11 +67,8 @@ class FunctionalViT:
     return self._initial
 
   def _state(self, which: int, flat: Flat) -> nnx.State:
-    drop = self._drop_last[which]
-    pairs = []
-    for path, var in self._templates[which]:
-      value = flat[_key(path[:-1] if drop else path)]
-      pairs.append((path, type(var)(value)))
+    pairs = [(path, type(var)(flat[_KEY_FNS[which](path)]))
+             for path, var in self._templates[which]]
     return nnx.State.from_flat_path(pairs)
 
   def module(self, frozen: Flat, a: Flat, b: Flat, head: Flat) -> vit.ViT:
