@@ -83,8 +83,10 @@ class ViTConfig:
 
 VIT_S14 = dict(patch_size=14, width=384, depth=12, num_heads=6, mlp_dim=1536,
                layerscale=True, ln_eps=1e-6, gelu_approximate=False)
+# AugReg / original ViT checkpoints were trained with flax.linen.gelu, whose
+# default is the tanh approximation.
 VIT_B16 = dict(patch_size=16, width=768, depth=12, num_heads=12, mlp_dim=3072,
-               layerscale=False, ln_eps=1e-6, gelu_approximate=False)
+               layerscale=False, ln_eps=1e-6, gelu_approximate=True)
 VARIANTS = {'S/14': VIT_S14, 'B/16': VIT_B16}
 
 

@@ -1,0 +1,226 @@
+"""Model-level properties of the NNX ViT: LoRA algebra, parameter counts,
+position-embedding resampling, Gram sowing, bf16 compute."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lorm_jax.models import checkpoints as ckpt
+from lorm_jax.models import vit
+
+CFG = vit.ViTConfig(image_size=32, patch_size=8, width=16, depth=2, num_heads=2, mlp_dim=32,
+                    num_classes=5, lora_rank=2, layerscale=True)
+
+
+def _build(cfg: vit.ViTConfig = CFG, seed: int = 0) -> vit.ViT:
+  """A ViT with random, well-scaled values everywhere (b = 0), built with
+  nnx.eval_shape plus numpy so no per-shape init kernels get compiled.
+  kernels ~ N(0, 1/in), LayerNorm scale ~ 1 + N(0, 0.1^2), LayerScale ~ U(0.5, 1),
+  a ~ U(-1/sqrt(in), 1/sqrt(in)), b = 0, head ~ N(0, 0.1^2)."""
+  model = nnx.eval_shape(lambda: vit.ViT(cfg, rngs=nnx.Rngs(0)))
+  rng = np.random.default_rng(seed)
+  for path, node in nnx.iter_graph(model):
+    if not isinstance(node, nnx.Variable):
+      continue
+    shape, name = node.get_value().shape, str(path[-1])
+    if isinstance(node, vit.LoraB):
+      val = np.zeros(shape)
+    elif isinstance(node, vit.LoraA):
+      val = rng.uniform(-1, 1, shape) / math.sqrt(shape[0])
+    elif name == 'scale':
+      val = 1 + 0.1 * rng.standard_normal(shape)
+    elif name in ('ls1', 'ls2'):
+      val = rng.uniform(0.5, 1.0, shape)
+    elif name == 'kernel' and len(shape) == 2:
+      val = rng.standard_normal(shape) / math.sqrt(shape[0])
+    elif name == 'patch_kernel':
+      val = rng.standard_normal(shape) / math.sqrt(np.prod(shape[:3]))
+    else:
+      val = 0.1 * rng.standard_normal(shape)
+    node.set_value(jnp.asarray(val, jnp.float32))
+  return model
+
+
+def _images(n: int = 3, seed: int = 1, size: int = 32) -> jnp.ndarray:
+  return jnp.asarray(np.random.default_rng(seed).standard_normal((n, size, size, 3)), jnp.float32)
+
+
+@nnx.jit
+def _logits(model: vit.ViT, images: jax.Array) -> jax.Array:
+  return model(images)
+
+
+@nnx.jit
+def _features(model: vit.ViT, images: jax.Array) -> jax.Array:
+  return model.features(images)
+
+
+def _lora_layers(model: vit.ViT) -> list[vit.LoRALinear]:
+  return [n for _, n in nnx.iter_graph(model) if isinstance(n, vit.LoRALinear)]
+
+
+def test_fresh_lora_layer_is_the_base_layer():
+  layer = vit.LoRALinear(6, 4, 2, dtype='float32', rngs=nnx.Rngs(0))
+  assert np.all(np.asarray(layer.lora_b.get_value()) == 0)
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((5, 6)), jnp.float32)
+  want = x @ layer.kernel.get_value() + layer.bias.get_value()
+  np.testing.assert_array_equal(np.asarray(layer(x)), np.asarray(want))
+
+
+def test_lora_with_zero_b_reproduces_base_model_exactly():
+  model = _build()
+  x = _images()
+  out = np.asarray(_logits(model, x))
+  rng = np.random.default_rng(5)
+  for layer in _lora_layers(model):  # another a, still b = 0
+    layer.lora_a.set_value(jnp.asarray(rng.standard_normal(layer.lora_a.get_value().shape) * 3,
+                                       jnp.float32))
+  np.testing.assert_array_equal(np.asarray(_logits(model, x)), out)
+  for layer in _lora_layers(model):  # no LoRA at all
+    layer.lora_a.set_value(jnp.zeros_like(layer.lora_a.get_value()))
+  np.testing.assert_array_equal(np.asarray(_logits(model, x)), out)
+
+
+def test_lora_equals_merged_kernel():
+  model = _build()
+  rng = np.random.default_rng(7)
+  for layer in _lora_layers(model):
+    a, b = layer.lora_a.get_value(), layer.lora_b.get_value()
+    layer.lora_a.set_value(jnp.asarray(rng.standard_normal(a.shape) / math.sqrt(a.shape[0]),
+                                       jnp.float32))
+    layer.lora_b.set_value(jnp.asarray(rng.standard_normal(b.shape) * 0.3, jnp.float32))
+  x = _images()
+  out = np.asarray(_logits(model, x))
+  merged = _build()
+  nnx.update(merged, nnx.state(model))
+  for layer in _lora_layers(merged):
+    w = np.asarray(layer.kernel.get_value(), np.float64)
+    ab = np.asarray(layer.lora_a.get_value(), np.float64) @ np.asarray(layer.lora_b.get_value(),
+                                                                       np.float64)
+    layer.kernel.set_value(jnp.asarray(w + ab, jnp.float32))
+    layer.lora_a.set_value(jnp.zeros_like(layer.lora_a.get_value()))
+    layer.lora_b.set_value(jnp.zeros_like(layer.lora_b.get_value()))
+  base = _build()  # the LoRA update must matter, or this test proves nothing
+  nnx.update(base, nnx.state(merged))
+  ref = np.asarray(_logits(merged, x))
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+  for layer, src in zip(_lora_layers(base), _lora_layers(model)):
+    layer.kernel.set_value(src.kernel.get_value())
+  assert np.abs(np.asarray(_logits(base, x)) - out).max() > 1e-2
+
+
+@pytest.mark.parametrize('cfg', [
+    CFG,
+    vit.ViTConfig(**ckpt.dinov2_s14_config(num_classes=100, lora_rank=4)),
+    vit.ViTConfig(**ckpt.augreg_b16_config(num_classes=200, lora_rank=1)),
+], ids=['tiny', 's14', 'b16'])
+def test_trainable_parameter_counts(cfg):
+  model = nnx.eval_shape(lambda: vit.ViT(cfg, rngs=nnx.Rngs(0)))
+  def count(kind):
+    return sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, kind)))
+  assert count(vit.LoraA) + count(vit.LoraB) == vit.lora_param_count(cfg)
+  assert count(vit.HeadParam) == vit.head_param_count(cfg) == cfg.width * cfg.num_classes + cfg.num_classes
+  shapes = {k: tuple(v.get_value().shape) for k, v in
+            ((('.'.join(map(str, p))), v) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))}
+  assert shapes == ckpt.expected_shapes(cfg)
+
+
+@pytest.mark.parametrize('method', ckpt.POSEMB_METHODS)
+def test_posemb_resample_round_trip(method):
+  rng = np.random.default_rng(0)
+  pos = rng.standard_normal((1, 1 + 4 * 4, 6)).astype(np.float32)
+  up = ckpt.resample_posemb(pos, 7, method)
+  assert up.shape == (1, 1 + 7 * 7, 6)
+  back = ckpt.resample_posemb(up, 4, method)
+  assert back.shape == pos.shape
+  np.testing.assert_array_equal(up[:, 0], pos[:, 0])
+  np.testing.assert_array_equal(back[:, 0], pos[:, 0])
+  np.testing.assert_array_equal(ckpt.resample_posemb(pos, 4, method), pos)  # same grid: identity
+  const = np.concatenate([pos[:, :1], np.full((1, 16, 6), 0.25, np.float32)], axis=1)
+  np.testing.assert_allclose(ckpt.resample_posemb(const, 9, method)[:, 1:], 0.25, atol=1e-5)
+  with pytest.raises(ValueError, match='not a square grid'):
+    ckpt.resample_posemb(pos[:, :-1], 3, method)
+  # the model-level function gives the same shapes
+  assert vit.resample_posemb(jnp.asarray(pos), 7).shape == (1, 50, 6)
+
+
+@nnx.jit
+def _gram_pass_full(model, images, weights):
+  model(images, gram_mode='full', head_gram=True, sample_weights=weights)
+
+
+@nnx.jit
+def _gram_pass_diag(model, images, weights):
+  model(images, gram_mode='diag', sample_weights=weights)
+
+
+@nnx.jit
+def _layer_inputs(model, images):
+  """Inputs of block 0's qkv, fc1 and fc2 layers by a manual forward."""
+  blk = model.blocks[0]
+  x0 = model.embed(images)
+  qkv_in = blk.norm1(x0)
+  x1 = x0 + blk.attn(qkv_in) * blk.ls1[...]
+  fc1_in = blk.norm2(x1)
+  fc2_in = jax.nn.gelu(blk.mlp.fc1(fc1_in), approximate=model.cfg.gelu_approximate)
+  return qkv_in, fc1_in, fc2_in, model.features(images)
+
+
+def _np_gram(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+  """sum_b w_b X_b^T X_b, X_b the (tokens, in) rows of sample b, in float64."""
+  x = np.asarray(x, np.float64).reshape(x.shape[0], -1, x.shape[-1])
+  return np.einsum('b,bni,bnj->ij', w.astype(np.float64), x, x)
+
+
+def test_gram_sow_matches_numpy():
+  model = _build()
+  x = _images(3)
+  w = np.array([1.0, 0.0, 1.0], np.float32)  # a padding mask: sample 1 is padding
+  qkv_in, fc1_in, fc2_in, feats = (np.asarray(a) for a in _layer_inputs(model, x))
+  _gram_pass_full(model, x, jnp.asarray(w))
+  grams = {'.'.join(map(str, p[:-1])): v.get_value()
+           for p, v in nnx.to_flat_state(nnx.pop(model, vit.GramStat))}
+  assert set(grams) == {f'blocks.{i}.{l}' for i in range(2)
+                        for l in ('attn.qkv', 'attn.proj', 'mlp.fc1', 'mlp.fc2')} | {'head'}
+  for name, inp in [('blocks.0.attn.qkv', qkv_in), ('blocks.0.mlp.fc1', fc1_in),
+                    ('blocks.0.mlp.fc2', fc2_in), ('head', feats)]:
+    (g,) = grams[name]  # one Gram pass -> one sown value
+    ref = _np_gram(inp, w)
+    assert g.shape == ref.shape
+    np.testing.assert_allclose(np.asarray(g), ref, rtol=1e-4, atol=1e-3 * np.abs(ref).max())
+  # the padding sample must not contribute
+  np.testing.assert_allclose(np.asarray(grams['blocks.0.mlp.fc1'][0]),
+                             _np_gram(fc1_in[[0, 2]], w[[0, 2]]), rtol=1e-4, atol=1e-3)
+  _gram_pass_diag(model, x, jnp.asarray(w))
+  diags = {'.'.join(map(str, p[:-1])): v.get_value()
+           for p, v in nnx.to_flat_state(nnx.pop(model, vit.GramStat))}
+  assert 'head' not in diags
+  for name, inp in [('blocks.0.attn.qkv', qkv_in), ('blocks.0.mlp.fc1', fc1_in),
+                    ('blocks.0.mlp.fc2', fc2_in)]:
+    (g,) = diags[name]
+    ref = np.diag(_np_gram(inp, w))
+    assert g.shape == ref.shape
+    np.testing.assert_allclose(np.asarray(g), ref, rtol=1e-4)
+
+
+def test_bf16_compute_close_to_f32():
+  model = _build()
+  rng = np.random.default_rng(3)
+  for layer in _lora_layers(model):  # a nonzero LoRA update too
+    b = layer.lora_b.get_value()
+    layer.lora_b.set_value(jnp.asarray(rng.standard_normal(b.shape) * 0.1, jnp.float32))
+  bf16 = _build(dataclasses.replace(CFG, dtype='bfloat16'))
+  nnx.update(bf16, nnx.state(model))
+  x = _images()
+  ref, out = np.asarray(_features(model, x)), np.asarray(_features(bf16, x))
+  assert out.dtype == np.float32
+  rel = np.abs(out - ref).max() / np.abs(ref).max()
+  assert 0 < rel < 3e-2, rel
+  lref, lout = np.asarray(_logits(model, x)), np.asarray(_logits(bf16, x))
+  assert np.abs(lout - lref).max() / np.abs(lref).max() < 3e-2
