@@ -35,6 +35,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.rounds = 5
   c.local_epochs = 5
   c.batch_size = 16
+  c.client_mode = 'vmap'         # vmap: clients in parallel; sequential: lax.map, skips padding
   c.clients_per_chunk = 10       # clients vmapped together (memory knob)
   c.eval_batch_size = 256
 

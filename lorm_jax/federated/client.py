@@ -93,18 +93,23 @@ def local_train(model: FunctionalViT, spec: LocalSpec, preprocess: Preprocess,
     return loss, correct
 
   def step(carry, inputs):
-    params, opt_state = carry
     s, batch_idx, w = inputs
-    x = preprocess(jax.random.fold_in(key, s), images[batch_idx])
-    y = labels[batch_idx]
-    (loss, correct), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, y, w)
-    updates, new_opt_state = opt.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    live = jnp.sum(w) > 0
-    keep = lambda new, old: jnp.where(live, new, old)
-    params = jax.tree.map(keep, new_params, params)
-    opt_state = jax.tree.map(keep, new_opt_state, opt_state)
-    return (params, opt_state), (loss * jnp.sum(w), correct, jnp.sum(w), live)
+
+    def update(carry):
+      params, opt_state = carry
+      x = preprocess(jax.random.fold_in(key, s), images[batch_idx])
+      y = labels[batch_idx]
+      (loss, correct), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, y, w)
+      updates, opt_state = opt.update(grads, opt_state, params)
+      return (optax.apply_updates(params, updates), opt_state), (loss * jnp.sum(w), correct)
+
+    def skip(carry):
+      return carry, (jnp.float32(0), jnp.float32(0))
+
+    # A real skip when clients run sequentially (lax.map); under vmap the
+    # cond becomes a select, and the padded step's update is discarded.
+    carry, (loss_sum, correct) = jax.lax.cond(jnp.sum(w) > 0, update, skip, carry)
+    return carry, (loss_sum, correct, jnp.sum(w), jnp.sum(w) > 0)
 
   steps = jnp.arange(idx.shape[0])
   (trainable, _), (loss_sum, correct, seen, live) = jax.lax.scan(
@@ -134,13 +139,16 @@ def gram_pass(model: FunctionalViT, preprocess: Preprocess, gram_mode: str | Non
           jnp.zeros((d, d), jnp.float32) if head_gram else None)
 
   def step(carry, inputs):
-    acc, hacc = carry
     s, batch_idx, w = inputs
-    x = preprocess(jax.random.fold_in(key, s), images[batch_idx])
-    _, g, hg = model.apply(frozen, a, b, head, x, gram_mode=gram_mode, head_gram=head_gram,
-                           sample_weights=w, features_only=not head_gram)
-    acc = {k: acc[k] + g[k] for k in acc}
-    return (acc, hacc + hg if head_gram else None), None
+
+    def accumulate(carry):
+      acc, hacc = carry
+      x = preprocess(jax.random.fold_in(key, s), images[batch_idx])
+      _, g, hg = model.apply(frozen, a, b, head, x, gram_mode=gram_mode, head_gram=head_gram,
+                             sample_weights=w, features_only=not head_gram)
+      return {k: acc[k] + g[k] for k in acc}, (hacc + hg if head_gram else None)
+
+    return jax.lax.cond(jnp.sum(w) > 0, accumulate, lambda carry: carry, carry), None
 
   steps = jnp.arange(idx.shape[0])
   (acc, hacc), _ = jax.lax.scan(step, init, (steps, idx, mask))

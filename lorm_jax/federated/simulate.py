@@ -41,28 +41,40 @@ from lorm_jax.models import functional as F
 class ClientRunner:
   """Jitted, vmapped, chunked and (optionally) sharded client computations."""
 
-  def __init__(self, exp: Experiment, clients_per_chunk: int):
+  def __init__(self, exp: Experiment, clients_per_chunk: int, mode: str = 'vmap'):
     self.exp = exp
     self.model = exp.model
     n_dev = jax.device_count()
-    self.mesh = Mesh(np.array(jax.devices()), ('clients',)) if n_dev > 1 else None
+    sequential = mode == 'sequential'
+    self.mesh = Mesh(np.array(jax.devices()), ('clients',)) if n_dev > 1 and not sequential else None
     chunk = max(1, min(clients_per_chunk, exp.config.num_clients))
-    self.chunk = -(-chunk // n_dev) * n_dev  # a multiple of the device count
+    self.chunk = exp.config.num_clients if sequential else -(-chunk // n_dev) * n_dev
     model, pre_train, pre_test = exp.model, exp.preprocess_train, exp.preprocess_test
+
+    def over_clients(fn, in_axes, *args):
+      """vmap over the client axis, or (sequential) lax.map, which really skips
+      padded steps because their lax.cond is not turned into a select."""
+      if not sequential:
+        return jax.vmap(fn, in_axes=in_axes)(*args)
+      per_client = tuple(x for x, ax in zip(args, in_axes) if ax == 0)
+      def one(xs):
+        it = iter(xs)
+        return fn(*(next(it) if ax == 0 else x for x, ax in zip(args, in_axes)))
+      return jax.lax.map(one, per_client)
 
     @functools.partial(jax.jit, static_argnames=('spec',))
     def train(spec, frozen, a, b, head, images, labels, idx, mask, keys, class_mask):
       fn = functools.partial(client.local_train, model, spec, pre_train)
-      return jax.vmap(fn, in_axes=(None,) * 6 + (0, 0, 0, None))(
-          frozen, a, b, head, images, labels, idx, mask, keys, class_mask)
+      return over_clients(fn, (None,) * 6 + (0, 0, 0, None),
+                          frozen, a, b, head, images, labels, idx, mask, keys, class_mask)
 
     @functools.partial(jax.jit, static_argnames=('gram_mode', 'head_gram', 'shared'))
     def grams(gram_mode, head_gram, shared, frozen, a, b, head, b_scale, images, idx, mask, keys):
       fn = functools.partial(client.gram_pass, model, pre_train, gram_mode, head_gram)
       b = jax.tree.map(lambda x: x * b_scale, b)
       ax = None if shared else 0
-      return jax.vmap(fn, in_axes=(None, ax, ax, ax, None, 0, 0, 0))(
-          frozen, a, b, head, images, idx, mask, keys)
+      return over_clients(fn, (None, ax, ax, ax, None, 0, 0, 0),
+                          frozen, a, b, head, images, idx, mask, keys)
 
     self._train, self._grams = train, grams
     self.predict = jax.jit(functools.partial(client.predict, model, pre_test))
@@ -176,10 +188,6 @@ def evaluate(exp: Experiment, runner: ClientRunner, method: Method, server, task
                                      exp.task_of_label, task + 1)
 
 
-def _flatten_server_for_ckpt(server):
-  return server
-
-
 def run(config: ConfigDict, workdir: str, *, max_rounds: int | None = None,
         progress: bool = True) -> dict[str, Any]:
   """Runs (or resumes) the simulation in `workdir`; returns the results dict.
@@ -191,7 +199,7 @@ def run(config: ConfigDict, workdir: str, *, max_rounds: int | None = None,
   exp = build_experiment(config, workdir)
   c = config
   method = exp.method
-  runner = ClientRunner(exp, c.clients_per_chunk)
+  runner = ClientRunner(exp, c.clients_per_chunk, c.client_mode)
   ckpt = checkpointing.Checkpointer(workdir)
   log = metrics.MetricsLog(os.path.join(workdir, 'metrics.jsonl'))
 
@@ -247,6 +255,7 @@ def run(config: ConfigDict, workdir: str, *, max_rounds: int | None = None,
       frozen_train = runner.add_deltas(exp.params.frozen, deltas) if deltas else exp.params.frozen
       a_c, b_c, head_c, stats = runner.train(spec, frozen_train, server, idx, mask, keys,
                                              class_mask, on_chunk=bar.update)
+      jax.block_until_ready(a_c)
       t_train = time.time() - t0
 
       request = method.gram_request(t, r)

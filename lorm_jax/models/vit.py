@@ -128,10 +128,43 @@ class LoRALinear(nnx.Module):
     dt = jnp.dtype(self.dtype)
     xc = x.astype(dt)
     y = jnp.dot(xc, self.kernel[...].astype(dt), preferred_element_type=jnp.float32)
-    low = jnp.dot(xc, self.lora_a[...].astype(dt), preferred_element_type=jnp.float32)
-    y = y + jnp.dot(low.astype(dt), self.lora_b[...].astype(dt),
-                    preferred_element_type=jnp.float32)
+    y = y + lora_product(xc, self.lora_a[...].astype(dt), self.lora_b[...].astype(dt))
     return y + self.bias[...]
+
+
+@jax.custom_vjp
+def lora_product(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+  """(x @ a) @ b for x (..., in), a (in, r), b (r, out), accumulated in float32.
+
+  The backward pass is written out as plain row-major GEMMs over the flattened
+  tokens. With autodiff's version, XLA's CPU layout assignment writes the
+  (tokens, out) cotangent transposed inside a loop fusion to feed the (r, out)
+  weight gradient, a strided copy that made training 3-5x slower than the
+  FLOPs warrant (profiled: docs/performance.md).
+  """
+  low = jnp.dot(x, a, preferred_element_type=jnp.float32)
+  return jnp.dot(low.astype(b.dtype), b, preferred_element_type=jnp.float32)
+
+
+def _lora_fwd(x, a, b):
+  low = jnp.dot(x, a, preferred_element_type=jnp.float32)
+  out = jnp.dot(low.astype(b.dtype), b, preferred_element_type=jnp.float32)
+  return out, (x, a, b, low)
+
+
+def _lora_bwd(res, g):
+  x, a, b, low = res
+  g2 = g.reshape(-1, g.shape[-1]).astype(b.dtype)
+  x2 = x.reshape(-1, x.shape[-1])
+  low2 = low.reshape(-1, low.shape[-1]).astype(b.dtype)
+  dlow = jnp.dot(g2, b.T, preferred_element_type=jnp.float32)          # (T, r)
+  db = jnp.dot(low2.T, g2, preferred_element_type=jnp.float32)         # (r, out)
+  da = jnp.dot(x2.T, dlow.astype(x.dtype), preferred_element_type=jnp.float32)  # (in, r)
+  dx = jnp.dot(dlow.astype(a.dtype), a.T, preferred_element_type=jnp.float32)   # (T, in)
+  return (dx.reshape(x.shape).astype(x.dtype), da.astype(a.dtype), db.astype(b.dtype))
+
+
+lora_product.defvjp(_lora_fwd, _lora_bwd)
 
 
 class LayerNorm(nnx.Module):
