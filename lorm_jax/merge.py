@@ -22,12 +22,15 @@ The all-zero system (nobody has data) gives 0, like the pseudo-inverse.
 With alpha = 0 (or diagonal Grams) the in x in system is diagonal: no (in, in)
 matrix is built and the A-merge is a per-input-row weighted average.
 
-Whole-model versions (`*_tree`) take pytrees of per-layer arrays. They are one
-jitted call each: leaves are grouped by shape at trace time, stacked, the
-single-layer computation is vmapped over each stack, and results unstacked.
-The eigendecomposition fallback is a lax.cond on the whole stack, so it costs
-nothing unless some system of that stack fails (under a user's vmap it turns
-into a select and is always computed).
+Whole-model versions (`*_tree`) take pytrees of per-layer arrays and are one
+jitted call each. Layers are batched by shape at trace time: layers with
+diagonal Grams are stacked and the single-layer build is vmapped; layers
+with full Grams are reduced over clients one by one (large GEMMs already,
+and stacking their raw Grams would copy gigabytes) and their systems
+stacked. Every group of same-shape systems is solved by one vmapped
+Cholesky. The eigendecomposition fallback is a lax.cond on the whole group,
+so it costs nothing unless some system of that group fails (under a user's
+vmap it turns into a select and is always computed).
 
 `alpha` is static (a Python float: it picks the diagonal path; changing it
 recompiles); `ridge` is a traced scalar.
@@ -89,7 +92,7 @@ def _info(fallback: jax.Array, x: jax.Array) -> MergeInfo:
 # ----------------------------------------------------------------- solvers
 
 
-def _chol_solve_one(m: jax.Array, rhs: jax.Array, ridge: float) -> jax.Array:
+def _chol_solve_one(m: jax.Array, rhs: jax.Array, ridge: jax.Array) -> jax.Array:
   """Solves (m + eps I) x = rhs by Cholesky; m (n, n) PSD, rhs (n, k).
 
   eps = ridge * mean(diag m); the system is scaled to unit diagonal first.
@@ -119,7 +122,7 @@ def _eig_solve_one(m: jax.Array, rhs: jax.Array) -> jax.Array:
 
 
 def _solve_full_stacked(m: jax.Array, rhs: jax.Array,
-                        ridge: float) -> tuple[jax.Array, MergeInfo]:
+                        ridge: jax.Array) -> tuple[jax.Array, MergeInfo]:
   """Solves L PSD systems; m (L, n, n), rhs (L, n, k) -> x (L, n, k), info."""
   x = jax.vmap(_chol_solve_one, (0, 0, None))(m, rhs, ridge)
   bad = ~_all_finite(x)
@@ -133,7 +136,7 @@ def _solve_full_stacked(m: jax.Array, rhs: jax.Array,
 
 
 def _solve_diag_stacked(g: jax.Array, rhs: jax.Array,
-                        ridge: float) -> tuple[jax.Array, MergeInfo]:
+                        ridge: jax.Array) -> tuple[jax.Array, MergeInfo]:
   """Solves L diagonal systems; g (L, n) >= 0, rhs (L, n, k) -> x (L, n, k), info.
 
   Same regularisation as the full path: x = rhs / (g + ridge * mean(g)).
@@ -198,17 +201,29 @@ def _regmean_system(k: jax.Array, grams: jax.Array, w: jax.Array,
   Returns (G~ (in, in) or its diagonal (in,), rhs = sum_i w_i G~_i k_i (in, out)).
   """
   k = _drop_absent(k, w)
-  grams = _drop_absent(grams, w)
   if grams.ndim == 2:
-    wd = w[:, None] * grams
+    wd = w[:, None] * _drop_absent(grams, w)
     return jnp.sum(wd, axis=0), jnp.einsum('ci,cio->io', wd, k)
-  wd = w[:, None] * jnp.diagonal(grams, axis1=1, axis2=2)
-  m = alpha * jnp.einsum('c,cij->ij', w, grams)
-  m = m + (1.0 - alpha) * jnp.diag(jnp.sum(wd, axis=0))
-  # G_i is symmetric: contract over its leading axes (no transpose copy).
-  rhs = alpha * jnp.einsum('cji,cjo->io', grams, w[:, None, None] * k)
-  rhs = rhs + (1.0 - alpha) * jnp.einsum('ci,cio->io', wd, k)
-  return m, rhs
+
+  def build(g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    wd = w[:, None] * jnp.diagonal(g, axis1=1, axis2=2)
+    m = alpha * jnp.einsum('c,cij->ij', w, g)
+    m = m + (1.0 - alpha) * jnp.diag(jnp.sum(wd, axis=0))
+    # G_i is symmetric: contract over its leading axes (no transpose copy).
+    rhs = alpha * jnp.einsum('cji,cjo->io', g, w[:, None, None] * k)
+    return m, rhs + (1.0 - alpha) * jnp.einsum('ci,cio->io', wd, k)
+
+  return _build_dropping_absent(build, grams, w)
+
+
+def _build_dropping_absent(build: Callable[[jax.Array], Any], grams: jax.Array,
+                           w: jax.Array) -> Any:
+  """build(grams) with absent clients' full Grams zeroed (they may be NaN).
+
+  Zeroing copies (C, in, in), so it only runs when some weight is 0.
+  """
+  return lax.cond(jnp.any(w == 0), lambda g: build(_drop_absent(g, w)), build,
+                  grams)
 
 
 def _b_system(b: jax.Array, a: jax.Array, grams: jax.Array, w: jax.Array,
@@ -218,38 +233,68 @@ def _b_system(b: jax.Array, a: jax.Array, grams: jax.Array, w: jax.Array,
   Returns (a^T G~ a (r, r), sum_i w_i (a^T G~_i a) b_i (r, out)).
   """
   b = _drop_absent(b, w)
-  grams = _drop_absent(grams, w)
+
+  def build(g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    if g.ndim == 2:
+      ga = g[:, :, None] * a[None]  # G~_i a without diag matrices
+    else:
+      diag = jnp.diagonal(g, axis1=1, axis2=2)
+      ga = alpha * jnp.einsum('cij,jr->cir', g, a)
+      ga = ga + (1.0 - alpha) * diag[:, :, None] * a[None]
+    m_c = w[:, None, None] * jnp.einsum('ir,cis->crs', a, ga)  # (C, r, r)
+    m_c = 0.5 * (m_c + jnp.swapaxes(m_c, 1, 2))
+    return jnp.sum(m_c, axis=0), jnp.einsum('crs,cso->ro', m_c, b)
+
   if grams.ndim == 2:
-    ga = grams[:, :, None] * a[None]  # G~_i a without diag matrices
-  else:
-    diag = jnp.diagonal(grams, axis1=1, axis2=2)
-    ga = alpha * jnp.einsum('cij,jr->cir', grams, a)
-    ga = ga + (1.0 - alpha) * diag[:, :, None] * a[None]
-  m_c = w[:, None, None] * jnp.einsum('ir,cis->crs', a, ga)  # (C, r, r)
-  m_c = 0.5 * (m_c + jnp.swapaxes(m_c, 1, 2))
-  return jnp.sum(m_c, axis=0), jnp.einsum('crs,cso->ro', m_c, b)
+    return build(_drop_absent(grams, w))
+  return _build_dropping_absent(build, grams, w)
 
 
 def _solve_stacked(m: jax.Array, rhs: jax.Array,
-                   ridge: float) -> tuple[jax.Array, MergeInfo]:
+                   ridge: jax.Array) -> tuple[jax.Array, MergeInfo]:
   """m (L, n, n) or diagonal (L, n), rhs (L, n, k)."""
   if m.ndim == 2:
     return _solve_diag_stacked(m, rhs, ridge)
   return _solve_full_stacked(m, rhs, ridge)
 
 
-def _regmean_stacked(k: jax.Array, grams: jax.Array, w: jax.Array, alpha: float,
-                     ridge: float) -> tuple[jax.Array, MergeInfo]:
-  """k (L, C, in, out), prepared grams (L, C, in[, in]) -> (L, in, out), info."""
-  m, rhs = jax.vmap(_regmean_system, (0, 0, None, None))(k, grams, w, alpha)
-  return _solve_stacked(m, rhs, ridge)
+def _merge_leaves(build: Callable[..., tuple[jax.Array, jax.Array]],
+                  leaf_args: Sequence[tuple[jax.Array, ...]],
+                  full_gram: Sequence[bool],
+                  ridge: jax.Array) -> tuple[list[jax.Array], MergeInfo]:
+  """Builds and solves every layer's system, batched by shape.
 
-
-def _merge_b_stacked(b: jax.Array, a: jax.Array, grams: jax.Array, w: jax.Array,
-                     alpha: float, ridge: float) -> tuple[jax.Array, MergeInfo]:
-  """b (L, C, r, out), a (L, in, r), grams (L, C, in[, in]) -> (L, r, out), info."""
-  m, rhs = jax.vmap(_b_system, (0, 0, 0, None, None))(b, a, grams, w, alpha)
-  return _solve_full_stacked(m, rhs, ridge)
+  build(*args) -> (system matrix, rhs) for one layer. Layers with diagonal
+  Grams have small inputs: they are grouped by input shapes, stacked, and
+  build is vmapped over the stack. Layers with full Grams are reduced over
+  clients one by one (each is already a large GEMM; stacking their inputs
+  would copy L x C x in^2 floats, 4.5 GB for the 12 fc2 layers of a ViT-B
+  with 10 clients); their (in, in) systems are then grouped by shape and
+  stacked. Each group is solved by one vmapped Cholesky (`_solve_stacked`).
+  """
+  groups: dict[Hashable, list[int]] = collections.defaultdict(list)
+  systems: dict[int, tuple[jax.Array, jax.Array]] = {}
+  for i, args in enumerate(leaf_args):
+    if full_gram[i]:
+      systems[i] = build(*args)
+      groups[('system',) + tuple(x.shape for x in systems[i])].append(i)
+    else:
+      groups[('inputs',) + tuple(x.shape for x in args)].append(i)
+  out: list[Any] = [None] * len(leaf_args)
+  info = _zero_info()
+  for key, idx in groups.items():
+    if key[0] == 'system':
+      m = jnp.stack([systems[i][0] for i in idx])
+      rhs = jnp.stack([systems[i][1] for i in idx])
+    else:
+      stacks = [jnp.stack([leaf_args[i][j] for i in idx])
+                for j in range(len(leaf_args[idx[0]]))]
+      m, rhs = jax.vmap(build)(*stacks)
+    x, group_info = _solve_stacked(m, rhs, ridge)
+    info = info + group_info
+    for j, i in enumerate(idx):
+      out[i] = x[j]
+  return out, info
 
 
 def _check_factor(x: jax.Array, name: str) -> jax.Array:
@@ -270,24 +315,6 @@ def _as_matrix_rhs(rhs: jax.Array) -> tuple[jax.Array, bool]:
   return (rhs[:, None], True) if rhs.ndim == 1 else (rhs, False)
 
 
-def _grouped(fn: Callable[..., tuple[jax.Array, MergeInfo]],
-             keys: Sequence[Hashable],
-             *leaf_lists: Sequence[jax.Array]) -> tuple[list[jax.Array], MergeInfo]:
-  """Stacks leaves with equal key, calls fn(*stacks) -> ((L, ...), info), unstacks."""
-  groups: dict[Hashable, list[int]] = collections.defaultdict(list)
-  for i, key in enumerate(keys):
-    groups[key].append(i)
-  out: list[Any] = [None] * len(keys)
-  info = _zero_info()
-  for idx in groups.values():
-    stacks = [jnp.stack([leaves[i] for i in idx]) for leaves in leaf_lists]
-    res, group_info = fn(*stacks)
-    info = info + group_info
-    for j, i in enumerate(idx):
-      out[i] = res[j]
-  return out, info
-
-
 # ------------------------------------------------- jitted implementations
 # One jitted function per idea, taking pytrees (a bare array is a one-leaf
 # tree), weights always an array and ridge a traced scalar, so single-layer
@@ -304,9 +331,9 @@ def _regmean_impl(kernels_tree: PyTree, grams_tree: PyTree, w: jax.Array,
   for k, g in zip(leaves, grams):
     _check_grams(g, k.shape[0], k.shape[1])
   grams = [_prepare_grams(g, 3, alpha) for g in grams]
-  keys = [(k.shape, g.shape) for k, g in zip(leaves, grams)]
-  out, info = _grouped(
-      lambda k, g: _regmean_stacked(k, g, w, alpha, ridge), keys, leaves, grams)
+  out, info = _merge_leaves(
+      lambda k, g: _regmean_system(k, g, w, alpha), list(zip(leaves, grams)),
+      [g.ndim == 3 for g in grams], ridge)
   return treedef.unflatten(out), info
 
 
@@ -323,11 +350,9 @@ def _merge_b_impl(b_tree: PyTree, a_tree: PyTree, grams_tree: PyTree,
       raise ValueError(f'a must be (in, {b.shape[1]}), got {a.shape}')
     _check_grams(g, b.shape[0], a.shape[0])
   grams = [_prepare_grams(g, 3, alpha) for g in grams]
-  keys = [(b.shape, a.shape, g.shape)
-          for b, a, g in zip(leaves, a_leaves, grams)]
-  out, info = _grouped(
-      lambda b, a, g: _merge_b_stacked(b, a, g, w, alpha, ridge), keys,
-      leaves, a_leaves, grams)
+  out, info = _merge_leaves(
+      lambda b, a, g: _b_system(b, a, g, w, alpha),
+      list(zip(leaves, a_leaves, grams)), [g.ndim == 3 for g in grams], ridge)
   return treedef.unflatten(out), info
 
 
@@ -340,9 +365,9 @@ def _solve_psd_impl(gram_tree: PyTree, rhs_tree: PyTree,
   for g, r in zip(grams, mats):
     if g.shape not in ((r.shape[0], r.shape[0]), (r.shape[0],)):
       raise ValueError(f'gram {g.shape} does not match rhs {r.shape}')
-  keys = [(g.shape, r.shape) for g, r in zip(grams, mats)]
-  out, info = _grouped(lambda g, r: _solve_stacked(g, r, ridge), keys, grams,
-                       mats)
+  # The system is given: nothing to build, so every leaf stacks directly.
+  out, info = _merge_leaves(lambda g, r: (g, r), list(zip(grams, mats)),
+                            [False] * len(grams), ridge)
   out = [x[:, 0] if v else x for x, v in zip(out, vec)]
   return treedef.unflatten(out), info
 

@@ -99,15 +99,12 @@ class ClientRunner:
   def _concat(parts):
     return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *parts)
 
-  def train(self, spec: client.LocalSpec, frozen, server, idx, mask, keys, class_mask,
-            on_chunk=None):
+  def train(self, spec: client.LocalSpec, frozen, server, idx, mask, keys, class_mask):
     parts = []
     for cidx, cmask, ckeys in self._chunks(idx, mask, keys):
       parts.append(self._train(spec, frozen, server['a'], server['b'], server['head'],
                                self.exp.train_images, self.exp.train_labels, cidx, cmask,
                                ckeys, class_mask))
-      if on_chunk is not None:
-        on_chunk(int(cidx.shape[0] * cidx.shape[1]))
     return self._concat(parts)
 
   def grams(self, request: GramRequest, frozen, a, b, head, b_scale, idx, mask, keys,
@@ -176,12 +173,13 @@ def evaluate(exp: Experiment, runner: ClientRunner, method: Method, server, task
   seen = np.concatenate(exp.task_classes[:task + 1])
   test_idx = np.flatnonzero(np.isin(exp.test_labels_np, seen))
   n = len(test_idx)
-  steps = -(-n // eval_batch)
-  padded = np.zeros(steps * eval_batch, np.int32)
+  padded = np.zeros(-(-n // eval_batch) * eval_batch, np.int32)
   padded[:n] = test_idx
-  logits = runner.predict(frozen, a, b, server['head'], exp.test_images,
-                          jnp.asarray(padded.reshape(steps, eval_batch)))
-  logits = np.asarray(logits).reshape(-1, logits.shape[-1])[:n]
+  # Fixed-size batches, one at a time: a single compilation serves every task.
+  logits = [runner.predict(frozen, a, b, server['head'], exp.test_images,
+                           jnp.asarray(padded[i:i + eval_batch])[None])
+            for i in range(0, len(padded), eval_batch)]
+  logits = np.concatenate([np.asarray(x).reshape(-1, x.shape[-1]) for x in logits])[:n]
   seen_mask = np.zeros(exp.num_classes, bool)
   seen_mask[seen] = True
   return metrics.seen_class_accuracy(logits, exp.test_labels_np[test_idx], seen_mask,
@@ -215,13 +213,15 @@ def run(config: ConfigDict, workdir: str, *, max_rounds: int | None = None,
   wall_before = meta.wall_seconds
 
   num_tasks, rounds = len(exp.task_classes), c.rounds
-  steps_per_round = _steps_per_round(exp, c)
-  total = sum(steps_per_round[t] * rounds for t in range(num_tasks))
-  done = sum(steps_per_round[t] * rounds for t in range(meta.task)) + steps_per_round[
-      min(meta.task, num_tasks - 1)] * meta.round if meta.task < num_tasks else total
-  bar = tqdm(total=total, initial=done, unit='step', disable=not progress,
-             desc=f'{method.name}', dynamic_ncols=True)
+  bar = tqdm(total=num_tasks * rounds, initial=min(meta.task, num_tasks) * rounds + meta.round,
+             unit='round', disable=not progress, desc=method.name, dynamic_ncols=True)
   rounds_this_call = 0
+  # Sequential clients skip padded steps at run time, so every round can use the
+  # run's largest step count: one compilation for the whole run. Vmapped clients
+  # compute padded steps, so they pad only to the round's largest client.
+  max_client = max(len(ix) for clients in exp.split for ix in clients)
+  fixed_steps = lambda epochs: (batching.steps_per_epoch(max_client, c.batch_size) * epochs
+                                if c.client_mode == 'sequential' else None)
 
   def save():
     meta.metrics_lines = log.lines
@@ -249,12 +249,12 @@ def run(config: ConfigDict, workdir: str, *, max_rounds: int | None = None,
       spec = method.local_spec(t, r)
       idx, mask = batching.client_batch_plan(
           clients_t, c.batch_size, c.local_epochs,
-          lambda ci: rng.numpy_rng(c.seed, 'shuffle', t, r, ci))
+          lambda ci: rng.numpy_rng(c.seed, 'shuffle', t, r, ci), num_steps=fixed_steps(c.local_epochs))
       keys = rng.client_keys(rng.key(c.seed, 'train', t, r), len(clients_t))
       deltas = method.train_deltas(server, t)
       frozen_train = runner.add_deltas(exp.params.frozen, deltas) if deltas else exp.params.frozen
       a_c, b_c, head_c, stats = runner.train(spec, frozen_train, server, idx, mask, keys,
-                                             class_mask, on_chunk=bar.update)
+                                             class_mask)
       jax.block_until_ready(a_c)
       t_train = time.time() - t0
 
@@ -265,7 +265,8 @@ def run(config: ConfigDict, workdir: str, *, max_rounds: int | None = None,
         gdeltas, b_scale = method.gram_model(server, t)
         frozen_gram = runner.add_deltas(exp.params.frozen, gdeltas) if gdeltas else exp.params.frozen
         gidx, gmask = batching.client_batch_plan(
-            clients_t, c.batch_size, 1, lambda ci: rng.numpy_rng(c.seed, 'gram', t, r, ci))
+            clients_t, c.batch_size, 1, lambda ci: rng.numpy_rng(c.seed, 'gram', t, r, ci),
+            num_steps=fixed_steps(1))
         gkeys = rng.client_keys(rng.key(c.seed, 'gram', t, r), len(clients_t))
         grams, head_grams = runner.grams(request, frozen_gram, a_c, b_c, head_c, b_scale,
                                          gidx, gmask, gkeys, shared=False)
@@ -294,8 +295,9 @@ def run(config: ConfigDict, workdir: str, *, max_rounds: int | None = None,
                 'seconds_gram': round(t_gram, 3), 'seconds_merge': round(t_merge, 4),
                 'seconds_round': round(time.time() - t0, 3)}
       log.write(record)
-      bar.set_postfix(task=t, round=r, loss=f"{record['train_loss']:.3f}",
-                      acc=f"{record['train_accuracy']:.3f}")
+      bar.set_postfix(task=t, steps=int(jnp.sum(stats['steps'])),
+                      loss=f"{record['train_loss']:.3f}", acc=f"{record['train_accuracy']:.3f}")
+      bar.update(1)
       meta.round += 1
       rounds_this_call += 1
       save()
@@ -308,7 +310,8 @@ def run(config: ConfigDict, workdir: str, *, max_rounds: int | None = None,
       gdeltas, b_scale = method.gram_model(server, t)
       frozen_gram = runner.add_deltas(exp.params.frozen, gdeltas) if gdeltas else exp.params.frozen
       gidx, gmask = batching.client_batch_plan(
-          clients_t, c.batch_size, 1, lambda ci: rng.numpy_rng(c.seed, 'task_gram', t, 0, ci))
+          clients_t, c.batch_size, 1, lambda ci: rng.numpy_rng(c.seed, 'task_gram', t, 0, ci),
+          num_steps=fixed_steps(1))
       gkeys = rng.client_keys(rng.key(c.seed, 'task_gram', t), len(clients_t))
       per_client, _ = runner.grams(request, frozen_gram, server['a'], server['b'],
                                    server['head'], b_scale, gidx, gmask, gkeys, shared=True)
@@ -334,16 +337,6 @@ def run(config: ConfigDict, workdir: str, *, max_rounds: int | None = None,
     json.dump(results, f, indent=2, sort_keys=True)
   plotting.write_plots(workdir, results)
   return results
-
-
-def _steps_per_round(exp: Experiment, c: ConfigDict) -> list[int]:
-  """Client-steps per round per task (padded clients included), for the progress bar."""
-  out = []
-  for clients in exp.split:
-    s = max(batching.steps_per_epoch(len(ix), c.batch_size) for ix in clients) * c.local_epochs
-    n = -(-len(clients) // 1)
-    out.append(s * n)
-  return out
 
 
 def _results(exp: Experiment, c: ConfigDict, meta: RunMeta, wall: float) -> dict[str, Any]:

@@ -122,9 +122,9 @@ class LoRALinear(nnx.Module):
   def __call__(self, x: jax.Array, gram_mode: GramMode = None,
                sample_weights: jax.Array | None = None) -> jax.Array:
     if gram_mode == 'diag':
-      self.sow(GramStat, 'gram', grams_lib.gram_diag(x, sample_weights))
+      self.gram = GramStat(grams_lib.gram_diag(x, sample_weights))
     elif gram_mode == 'full':
-      self.sow(GramStat, 'gram', grams_lib.gram_full(x, sample_weights))
+      self.gram = GramStat(grams_lib.gram_full(x, sample_weights))
     dt = jnp.dtype(self.dtype)
     xc = x.astype(dt)
     y = jnp.dot(xc, self.kernel[...].astype(dt), preferred_element_type=jnp.float32)
@@ -240,7 +240,7 @@ class Head(nnx.Module):
 
   def __call__(self, feats, collect_gram: bool = False, sample_weights=None):
     if collect_gram:
-      self.sow(GramStat, 'gram', grams_lib.gram_full(feats, sample_weights))
+      self.gram = GramStat(grams_lib.gram_full(feats, sample_weights))
     return feats @ self.kernel[...] + self.bias[...]
 
 

@@ -1,0 +1,253 @@
+"""End-to-end properties of the federated simulation on configs/smoke.py."""
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import smoke
+from lorm_jax.data import augment
+from lorm_jax.data.errors import DataError
+from lorm_jax.federated import batching, client, setup, simulate
+from lorm_jax.models import functional as F, vit
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAPER_CONFIGS = ['cifar100', 'imagenet_r', 'imagenet_a', 'eurosat', 'cub200', 'cars196']
+
+
+def smoke_config(**overrides):
+  c = smoke.get_config()
+  c.unlock()
+  for k, v in overrides.items():
+    node = c
+    *path, leaf = k.split('.')
+    for p in path:
+      node = node[p]
+    node[leaf] = v
+  c.lock()
+  return c
+
+
+def _strip(results):
+  return {k: v for k, v in results.items() if k not in ('wall_seconds',)}
+
+
+@pytest.fixture(scope='module')
+def smoke_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('smoke'))
+  results = simulate.run(smoke_config(), workdir, progress=False)
+  return workdir, results
+
+
+def test_results_json_shapes_and_ranges(smoke_run):
+  workdir, results = smoke_run
+  with open(os.path.join(workdir, 'results.json')) as f:
+    saved = json.load(f)
+  assert saved == json.loads(json.dumps(results))
+  t = saved['num_tasks']
+  assert t == 2
+  acc = saved['accuracy_matrix']
+  assert len(acc) == t and all(len(row) == t for row in acc)
+  for i, row in enumerate(acc):
+    for j, v in enumerate(row):
+      if j <= i:
+        assert 0.0 <= v <= 1.0
+      else:
+        assert v is None
+  assert 0.0 <= saved['final_accuracy'] <= 1.0
+  assert saved['final_accuracy'] == saved['accuracy_per_task_end'][-1]
+  assert saved['per_task_accuracy'] == acc[-1]
+  assert math.isclose(saved['forgetting'], acc[0][0] - acc[1][0], abs_tol=1e-9)
+  assert saved['comm_bytes_total'] == saved['comm_bytes_upload'] + saved['comm_bytes_download'] > 0
+  assert saved['merge_fallbacks'] >= 0 and saved['wall_seconds'] > 0
+  assert (saved['method'], saved['dataset'], saved['seed']) == ('lorm', 'fashion_mnist', 0)
+  for name in ('config.json', 'metrics.jsonl', 'split.json', 'accuracy_matrix.png',
+               'accuracy_per_task.png'):
+    assert os.path.getsize(os.path.join(workdir, name)) > 0
+  lines = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+  rounds = [l for l in lines if l['kind'] == 'round']
+  assert len(rounds) == 2 * 2 and [r['factors'] for r in rounds] == ['b', 'a', 'b', 'a']
+  assert all(np.isfinite(r['train_loss']) for r in rounds)
+  assert len([l for l in lines if l['kind'] == 'eval']) == 2
+
+
+def test_resume_after_kill_gives_identical_results(smoke_run, tmp_path):
+  _, full = smoke_run
+  workdir = str(tmp_path / 'resumed')
+  cfg = smoke_config()
+  assert simulate.run(cfg, workdir, max_rounds=1, progress=False) == {}
+  assert simulate.run(cfg, workdir, max_rounds=2, progress=False) == {}  # crosses a task end
+  resumed = simulate.run(cfg, workdir, progress=False)
+  assert _strip(resumed) == _strip(full)
+  lines = open(os.path.join(workdir, 'metrics.jsonl')).read().splitlines()
+  assert len(lines) == 2 * 2 + 2
+
+
+def test_resume_truncates_metrics_written_after_the_checkpoint(smoke_run, tmp_path):
+  _, full = smoke_run
+  workdir = str(tmp_path / 'w')
+  cfg = smoke_config()
+  simulate.run(cfg, workdir, max_rounds=1, progress=False)
+  with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
+    f.write('{"kind": "round", "partial": true}\n')  # a line the killed process wrote
+  assert _strip(simulate.run(cfg, workdir, progress=False)) == _strip(full)
+  assert 'partial' not in open(os.path.join(workdir, 'metrics.jsonl')).read()
+
+
+def test_sequential_client_mode_matches_vmap(smoke_run, tmp_path):
+  _, full = smoke_run
+  seq = simulate.run(smoke_config(client_mode='sequential'), str(tmp_path / 's'), progress=False)
+  np.testing.assert_allclose(np.array(seq['accuracy_matrix'], float),
+                             np.array(full['accuracy_matrix'], float), atol=1e-6, equal_nan=True)
+
+
+def test_fedavg_runs_on_the_same_loop(tmp_path):
+  res = simulate.run(smoke_config(method='fedavg'), str(tmp_path), progress=False)
+  assert res['method'] == 'fedavg' and 0.0 <= res['final_accuracy'] <= 1.0
+  assert res['merge_fallbacks'] == 0
+
+
+def test_four_cpu_devices_give_the_same_results(smoke_run, tmp_path):
+  """The client axis sharded over 4 host devices (XLA flag, in a subprocess)."""
+  _, full = smoke_run
+  workdir = str(tmp_path / 'four')
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+             PYTHONPATH=REPO)
+  cmd = [sys.executable, '-m', 'experiments.run', '--config=configs/smoke.py',
+         f'--workdir={workdir}', '--config.num_clients=4', '--config.clients_per_chunk=4']
+  subprocess.run(cmd, check=True, cwd=REPO, env=env, capture_output=True)
+  one = simulate.run(smoke_config(num_clients=4, clients_per_chunk=4), str(tmp_path / 'one'),
+                     progress=False)
+  four = json.load(open(os.path.join(workdir, 'results.json')))
+  assert four['devices'] == '4 x cpu'
+  np.testing.assert_allclose(np.array(four['accuracy_matrix'], float),
+                             np.array(one['accuracy_matrix'], float), atol=1e-6)
+  assert four['comm_bytes_total'] == one['comm_bytes_total']
+
+
+# ---------------------------------------------------------------------------
+# Local training: padding and masking change nothing.
+
+
+def _tiny_model():
+  cfg = vit.ViTConfig(image_size=14, patch_size=7, width=16, depth=1, num_heads=2, mlp_dim=32,
+                      num_classes=4, lora_rank=2)
+  return F.FunctionalViT(vit.ViT(cfg, rngs=nnx.Rngs(0)))
+
+
+def test_padded_steps_and_samples_do_not_change_a_client():
+  fm = _tiny_model()
+  p = fm.initial_params()
+  a, b = F.init_lora(jax.random.key(1), p.a, p.b)
+  head = F.init_head(jax.random.key(2), 16, 4)
+  images = jax.random.randint(jax.random.key(3), (20, 14, 14, 1), 0, 255).astype(jnp.uint8)
+  labels = jnp.arange(20, dtype=jnp.int32) % 2
+  spec = client.LocalSpec(('b',), 1e-2, 1e-2)
+  pre_spec = augment.preset('fashion_mnist', 14, train=False)
+  pre = lambda k, x: augment.preprocess(k, x, pre_spec)
+  cm = jnp.array([True, True, False, False])
+  own = [np.arange(11)]
+  rng = lambda c: np.random.default_rng(0)
+  idx, mask = batching.client_batch_plan(own, 4, 2, rng)              # (1, 6, 4)
+  idx_p, mask_p = batching.client_batch_plan(own, 4, 2, rng, num_steps=9)  # 3 padded steps
+  assert idx.shape == (1, 6, 4) and idx_p.shape == (1, 9, 4)
+  assert mask[0, 2].tolist() == [1, 1, 1, 0]  # the partial last batch of an epoch
+  run = lambda i, m: client.local_train(fm, spec, pre, p.frozen, a, b, head, images, labels,
+                                        jnp.asarray(i[0]), jnp.asarray(m[0]),
+                                        jax.random.key(4), cm)
+  a1, b1, h1, s1 = run(idx, mask)
+  a2, b2, h2, s2 = run(idx_p, mask_p)
+  for x, y in zip(jax.tree.leaves((a1, b1, h1)), jax.tree.leaves((a2, b2, h2))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert float(s1['seen']) == float(s2['seen']) == 22 and int(s2['steps']) == 6
+  # The padded sample of a partial batch does not count: change its image, same result.
+  idx_x = idx.copy()
+  idx_x[0, 2, 3] = 19
+  a3, b3, h3, _ = run(idx_x, mask)
+  np.testing.assert_array_equal(np.asarray(h3['kernel']), np.asarray(h1['kernel']))
+  # Training really moved b and left the frozen factor a alone.
+  assert not np.allclose(np.asarray(jax.tree.leaves(b1)[0]), 0.0)
+  np.testing.assert_array_equal(np.asarray(jax.tree.leaves(a1)[0]),
+                                np.asarray(jax.tree.leaves(a)[0]))
+
+
+def test_loss_ignores_other_tasks_classes():
+  logits = jnp.array([[2.0, 1.0, 50.0, -3.0]])
+  cm = jnp.array([True, True, False, False])
+  loss, correct = client.masked_cross_entropy(logits, jnp.array([0]), cm, jnp.ones(1))
+  expected = -jax.nn.log_softmax(jnp.array([2.0, 1.0]))[0]
+  np.testing.assert_allclose(loss, expected, rtol=1e-6)
+  assert float(correct) == 1.0
+
+
+# ---------------------------------------------------------------------------
+# Configs and bad input.
+
+
+@pytest.mark.parametrize('name', PAPER_CONFIGS)
+def test_paper_configs_build_and_validate(name, tmp_path):
+  mod = importlib.import_module(f'configs.{name}')
+  c = mod.get_config()
+  setup.validate_config(c)
+  assert c.model.name == 'augreg_b16' and c.image_size == 224 and c.num_clients == 10
+  betas = list(importlib.import_module('configs.paper').PAPER[c.dataset.name]['betas'])
+  assert c.beta == betas[0]
+  other = mod.get_config(f'beta={betas[-1]}')
+  assert other.beta == betas[-1]
+  with pytest.raises(ValueError, match='not a paper setting'):
+    mod.get_config('beta=0.77')
+  with pytest.raises(AttributeError):
+    c.not_a_field = 1  # locked
+  # The model builds (abstractly) with the benchmark's classes.
+  kw = setup.ARCHITECTURES[c.model.name]()
+  num_classes = {'cifar100': 100, 'eurosat': 10, 'cars196': 196}.get(c.dataset.name, 200)
+  kw.update(image_size=c.image_size, num_classes=num_classes, lora_rank=c.model.rank)
+  model = nnx.eval_shape(lambda: vit.ViT(vit.ViTConfig(**kw), rngs=nnx.Rngs(0)))
+  assert model.head.kernel.get_value().shape == (768, num_classes)
+  # With no prepared data the run stops at once with a DataError naming where it looked.
+  c.unlock()
+  c.dataset.data_dir = str(tmp_path / 'no_data_here')
+  c.lock()
+  with pytest.raises(DataError, match='no_data_here'):
+    setup.build_experiment(c, str(tmp_path / 'w'))
+
+
+@pytest.mark.parametrize('override,match', [
+    (dict(method='nope'), 'unknown method'),
+    (dict(**{'dataset.name': 'mnist_plus'}), 'mnist_plus'),
+    (dict(**{'model.rank': 0}), 'rank must be >= 1'),
+    (dict(beta=0.0), 'beta must be > 0'),
+    (dict(num_tasks=3), 'do not divide'),
+    (dict(num_clients=50), 'need more data'),
+    (dict(schedule='zigzag'), 'unknown schedule'),
+    (dict(alpha_head=1.5), 'alpha'),
+])
+def test_bad_config_fails_with_one_line_error(override, match, tmp_path):
+  with pytest.raises(ValueError, match=match) as info:
+    setup.build_experiment(smoke_config(**override), str(tmp_path))
+  assert '\n' not in str(info.value)
+
+
+def test_workdir_of_another_run_is_refused(tmp_path):
+  setup.prepare_workdir(smoke_config(), str(tmp_path))
+  with pytest.raises(setup.ConfigError, match='different config'):
+    setup.prepare_workdir(smoke_config(seed=3), str(tmp_path))
+  setup.prepare_workdir(smoke_config(seed=3, overwrite=True), str(tmp_path))
+  assert json.load(open(tmp_path / 'config.json'))['seed'] == 3
+
+
+def test_cli_rejects_unknown_config_key(tmp_path):
+  cmd = [sys.executable, '-m', 'experiments.run', '--config=configs/smoke.py',
+         f'--workdir={tmp_path}', '--config.rnak=4']
+  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=REPO))
+  assert out.returncode != 0 and 'rnak' in out.stderr
