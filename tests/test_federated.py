@@ -111,6 +111,7 @@ def test_sequential_client_mode_matches_vmap(smoke_run, tmp_path):
 
 
 def test_fedavg_runs_on_the_same_loop(tmp_path):
+  """FedAvg of the LoRA factors; the evaluated model is W0 + the mean task delta."""
   res = simulate.run(smoke_config(method='fedavg'), str(tmp_path), progress=False)
   assert res['method'] == 'fedavg' and 0.0 <= res['final_accuracy'] <= 1.0
   assert res['merge_fallbacks'] == 0
@@ -251,3 +252,10 @@ def test_cli_rejects_unknown_config_key(tmp_path):
   out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=REPO))
   assert out.returncode != 0 and 'rnak' in out.stderr
+
+
+def test_ffa_lora_trains_only_b(tmp_path):
+  res = simulate.run(smoke_config(method='ffa_lora'), str(tmp_path), progress=False)
+  assert res['method'] == 'ffa_lora' and 0.0 <= res['final_accuracy'] <= 1.0
+  rounds = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl') if '"round"' in l]
+  assert {r['factors'] for r in rounds} == {'b'}

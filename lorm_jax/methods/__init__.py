@@ -4,12 +4,13 @@ from __future__ import annotations
 from ml_collections import ConfigDict
 
 from lorm_jax.methods.base import ClientResults, GramRequest, Method
-from lorm_jax.methods.fedavg import FedAvg
+from lorm_jax.methods.fedavg import FedAvg, FFALoRA
 from lorm_jax.methods.lorm import LoRM
 
 METHODS: dict[str, type[Method]] = {
     'lorm': LoRM,
     'fedavg': FedAvg,
+    'ffa_lora': FFALoRA,
 }
 
 
