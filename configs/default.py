@@ -15,7 +15,7 @@ def get_config():
   c.seed = 0
   c.split_seed = 0
   c.dataset.name = 'fashion_mnist'
-  c.dataset.train_per_class = 300
+  c.dataset.train_per_class = 200
   c.dataset.test_per_class = 300
   c.image_size = 56
   c.augment = False
@@ -31,5 +31,6 @@ def get_config():
   c.lr_head = c.lr_a = c.lr_b = 3e-3
   c.alpha_head = 0.5
   c.alpha_backbone = 0.0
+  c.client_mode = 'sequential'  # lax.map: padded steps skipped (docs/performance.md)
   c.lock()
   return c

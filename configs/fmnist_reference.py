@@ -35,5 +35,6 @@ def get_config():
   c.weight_decay = 0.0
   c.alpha_head = 0.5
   c.alpha_backbone = 0.0
+  c.client_mode = 'sequential'  # lax.map: padded steps skipped (docs/performance.md)
   c.lock()
   return c

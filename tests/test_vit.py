@@ -190,12 +190,12 @@ def test_gram_sow_matches_numpy():
                         for l in ('attn.qkv', 'attn.proj', 'mlp.fc1', 'mlp.fc2')} | {'head'}
   for name, inp in [('blocks.0.attn.qkv', qkv_in), ('blocks.0.mlp.fc1', fc1_in),
                     ('blocks.0.mlp.fc2', fc2_in), ('head', feats)]:
-    (g,) = grams[name]  # one Gram pass -> one sown value
+    g = grams[name]  # the layer's GramStat holds the pass's Gram
     ref = _np_gram(inp, w)
     assert g.shape == ref.shape
     np.testing.assert_allclose(np.asarray(g), ref, rtol=1e-4, atol=1e-3 * np.abs(ref).max())
   # the padding sample must not contribute
-  np.testing.assert_allclose(np.asarray(grams['blocks.0.mlp.fc1'][0]),
+  np.testing.assert_allclose(np.asarray(grams['blocks.0.mlp.fc1']),
                              _np_gram(fc1_in[[0, 2]], w[[0, 2]]), rtol=1e-4, atol=1e-3)
   _gram_pass_diag(model, x, jnp.asarray(w))
   diags = {'.'.join(map(str, p[:-1])): v.get_value()
@@ -203,7 +203,7 @@ def test_gram_sow_matches_numpy():
   assert 'head' not in diags
   for name, inp in [('blocks.0.attn.qkv', qkv_in), ('blocks.0.mlp.fc1', fc1_in),
                     ('blocks.0.mlp.fc2', fc2_in)]:
-    (g,) = diags[name]
+    g = diags[name]
     ref = np.diag(_np_gram(inp, w))
     assert g.shape == ref.shape
     np.testing.assert_allclose(np.asarray(g), ref, rtol=1e-4)

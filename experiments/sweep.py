@@ -1,0 +1,61 @@
+"""Runs methods x betas x seeds (x extra settings) of one config, skipping finished runs.
+
+  python -m experiments.sweep --config=configs/default.py --methods=lorm,fedavg \
+      --seeds=0,1,2 --root=workdirs/sweep
+  python -m experiments.sweep --config=configs/default.py --methods=lorm \
+      --set lr_head=1e-3,lr_a=1e-3,lr_b=1e-3 --root=workdirs/sweep
+
+Every run is its own `experiments.run` process with its own workdir
+ROOT/<method>_beta<beta>_seed<seed>[_<setting>]; a workdir holding a
+results.json is skipped, one holding a checkpoint is resumed. Then
+`python -m experiments.report ROOT/*` tabulates them.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+
+def run_dirs(args) -> list[tuple[str, list[str]]]:
+  """(workdir, command) for every combination."""
+  out = []
+  setting = args.set.replace('=', '').replace(',', '_') if args.set else ''
+  for method in args.methods.split(','):
+    for beta in (args.betas.split(',') if args.betas else ['']):
+      for seed in args.seeds.split(','):
+        name = f'{method}' + (f'_beta{beta}' if beta else '') + f'_seed{seed}'
+        name += f'_{setting}' if setting else ''
+        workdir = os.path.join(args.root, name)
+        cmd = [sys.executable, '-m', 'experiments.run', f'--config={args.config}',
+               f'--workdir={workdir}', f'--config.method={method}', f'--config.seed={seed}']
+        if beta:
+          cmd.append(f'--config.beta={beta}')
+        for kv in filter(None, args.set.split(',')):
+          cmd.append(f'--config.{kv}')
+        out.append((workdir, cmd))
+  return out
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--config', required=True)
+  p.add_argument('--methods', default='lorm')
+  p.add_argument('--betas', default='', help='comma list; empty = the config\'s beta')
+  p.add_argument('--seeds', default='0')
+  p.add_argument('--set', default='', help='extra config overrides, k=v,k=v')
+  p.add_argument('--root', default='workdirs/sweep')
+  p.add_argument('--dry-run', action='store_true')
+  args = p.parse_args(argv)
+  for workdir, cmd in run_dirs(args):
+    if os.path.exists(os.path.join(workdir, 'results.json')):
+      print(f'skip (done): {workdir}')
+      continue
+    print(' '.join(cmd), flush=True)
+    if not args.dry_run:
+      subprocess.run(cmd, check=True)
+
+
+if __name__ == '__main__':
+  main()
