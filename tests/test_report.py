@@ -1,0 +1,34 @@
+"""experiments.report: grouping over seeds, published numbers, outputs."""
+import json
+
+import pytest
+
+from experiments import report, sweep
+
+
+def _write(path, method, dataset, acc, seed):
+  path.mkdir(parents=True)
+  (path / 'results.json').write_text(json.dumps({
+      'method': method, 'dataset': dataset, 'beta': 0.5, 'seed': seed, 'final_accuracy': acc,
+      'forgetting': 0.1, 'wall_seconds': 10.0}))
+
+
+def test_report_groups_seeds_and_sets_published_numbers(tmp_path, capsys):
+  _write(tmp_path / 'a', 'lorm', 'cifar100', 0.80, 0)
+  _write(tmp_path / 'b', 'lorm', 'cifar100', 0.90, 1)
+  _write(tmp_path / 'c', 'fedavg', 'fashion_mnist', 0.5, 0)
+  report.main([str(tmp_path / d) for d in 'abc'] + [str(tmp_path / 'missing'),
+                                                     '--out', str(tmp_path / 'out')])
+  text = (tmp_path / 'out' / 'report.md').read_text()
+  assert '85.00 +- 7.07 (n=2) / 86.95 (-1.95)' in text
+  assert 'no run / 72.48' in text  # LoRM on ImageNet-R: nothing run
+  assert '| fedavg | fashion_mnist | 0.5 | 50.00 |' in text
+  assert (tmp_path / 'out' / 'report.png').stat().st_size > 0
+
+
+def test_sweep_skips_finished_runs(tmp_path, capsys):
+  _write(tmp_path / 'lorm_seed0', 'lorm', 'fashion_mnist', 0.5, 0)
+  sweep.main(['--config=configs/smoke.py', '--methods=lorm', '--seeds=0,1',
+              f'--root={tmp_path}', '--dry-run'])
+  out = capsys.readouterr().out
+  assert 'skip (done)' in out and 'lorm_seed1' in out and '--config.seed=1' in out
