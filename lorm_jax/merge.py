@@ -255,13 +255,13 @@ def _b_system(b: jax.Array, a: jax.Array, grams: jax.Array, w: jax.Array,
   b = _drop_absent(b, w)
 
   def build(g: jax.Array) -> tuple[jax.Array, jax.Array]:
-    if g.ndim == 2:
-      ga = g[:, :, None] * a[None]  # G~_i a without diag matrices
+    if g.ndim == 2:  # a^T diag(g_i) a without diag matrices
+      m_c = jnp.einsum('ci,ir,is->crs', w[:, None] * g, a, a)
     else:
       diag = jnp.diagonal(g, axis1=1, axis2=2)
       ga = alpha * jnp.einsum('cij,jr->cir', g, a)
       ga = ga + (1.0 - alpha) * diag[:, :, None] * a[None]
-    m_c = w[:, None, None] * jnp.einsum('ir,cis->crs', a, ga)  # (C, r, r)
+      m_c = w[:, None, None] * jnp.einsum('ir,cis->crs', a, ga)  # (C, r, r)
     m_c = 0.5 * (m_c + jnp.swapaxes(m_c, 1, 2))
     return jnp.sum(m_c, axis=0), jnp.einsum('crs,cso->ro', m_c, b)
 

@@ -357,10 +357,14 @@ def test_fedavg() -> None:
 
 
 def _vit_like(rng: np.random.Generator, full: bool) -> tuple:
-  """Two blocks of {qkv: N -> O, fc2: O -> N} LoRA factors, grams, server a."""
+  """Three blocks of {qkv: N -> O, fc2: O -> N} LoRA factors, grams, server a.
+
+  Three layers of each shape: on a 2-core machine a group is solved in two
+  chunks, one of them with two layers.
+  """
   shapes = {'qkv': (N, O), 'fc2': (O, N)}
   a, b, g, a0 = {}, {}, {}, {}
-  for blk in ('block0', 'block1'):
+  for blk in ('block0', 'block1', 'block2'):
     a[blk], b[blk], g[blk], a0[blk] = {}, {}, {}, {}
     for name, (n, o) in shapes.items():
       a[blk][name] = _normal(rng, C, n, R)
@@ -410,13 +414,14 @@ def test_tree_fallback_count() -> None:
   rng = np.random.default_rng(17)
   a, _, g, _ = _vit_like(rng, full=True)
   w = _weights(rng, C)
-  for blk in ('block0', 'block1'):
+  for blk in ('block0', 'block2'):
     g[blk]['qkv'][:, 2, :] = 0.0
     g[blk]['qkv'][:, :, 2] = 0.0
   out, info = M.merge_a_tree(a, g, 0.3, w, ridge=0.0, return_info=True)
   assert int(info.fallbacks) == 2 and int(info.nonfinite) == 0
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(out))
-  ref = _ref_regmean(a['block1']['qkv'], g['block1']['qkv'], 0.3, w)
-  assert _rel(out['block1']['qkv'], ref) < 1e-4
+  for blk in ('block0', 'block1', 'block2'):
+    ref = _ref_regmean(a[blk]['qkv'], g[blk]['qkv'], 0.3, w)
+    assert _rel(out[blk]['qkv'], ref) < 1e-4
   assert _rel(out['block0']['fc2'], M.merge_a(a['block0']['fc2'],
                                               g['block0']['fc2'], 0.3, w)) < 1e-5
