@@ -28,7 +28,7 @@ def get_config():
   c.rounds = 5
   c.local_epochs = 1
   c.batch_size = 16
-  c.lr_head = c.lr_a = c.lr_b = 3e-3
+  c.lr_head = c.lr_a = c.lr_b = 1e-3  # LoRM's better of {3e-3, 1e-3} (docs/default_sweep.md)
   c.alpha_head = 0.5
   c.alpha_backbone = 0.0
   c.client_mode = 'sequential'  # lax.map: padded steps skipped (docs/performance.md)
