@@ -122,10 +122,7 @@ def resample_posemb_torch(posemb: np.ndarray, new_grid: int) -> np.ndarray:
   float64, returned in the input dtype. The class-token entry is kept.
   """
   posemb = np.asarray(posemb)
-  cls, grid = posemb[:, :1], posemb[0, 1:]
-  old = int(round(math.sqrt(grid.shape[0])))
-  if old * old != grid.shape[0]:
-    raise ValueError(f'position embedding of {grid.shape[0]} tokens is not a square grid')
+  cls, grid, old = vit.split_posemb(posemb)
   if old == new_grid:
     return posemb
   mat = _cubic_matrix(old, new_grid)

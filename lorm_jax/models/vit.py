@@ -290,12 +290,18 @@ class ViT(nnx.Module):
     return self.head(feats, head_gram, sample_weights)
 
 
-def resample_posemb(posemb: jax.Array, new_grid: int) -> jax.Array:
-  """Bicubically resizes (1, 1 + g*g, D) position embeddings to new_grid^2 + 1."""
+def split_posemb(posemb):
+  """(1, 1 + g*g, D) -> (class entry (1, 1, D), grid entries (g*g, D), g)."""
   cls, grid = posemb[:, :1], posemb[0, 1:]
   old = int(round(math.sqrt(grid.shape[0])))
   if old * old != grid.shape[0]:
     raise ValueError(f'position embedding of {grid.shape[0]} tokens is not a square grid')
+  return cls, grid, old
+
+
+def resample_posemb(posemb: jax.Array, new_grid: int) -> jax.Array:
+  """Bicubically resizes (1, 1 + g*g, D) position embeddings to new_grid^2 + 1."""
+  cls, grid, old = split_posemb(posemb)
   if old == new_grid:
     return posemb
   grid = grid.reshape(old, old, -1)
