@@ -79,13 +79,14 @@ def bench_shape(name: str, shape: dict, peak: float, repeats: int) -> dict:
   out = {'name': name, 'images': n}
   for label, fn in (('vmap', vmapped), ('lax.map', mapped), ('python loop', loop)):
     out[label] = bc.time_fn(fn, idx, mask, keys, repeats=repeats)
-  train_flops = _flops(single, idx[0], mask[0], keys[0]) * c
+  # XLA's cost analysis counts a loop body once, so take a one-step scan and scale.
+  train_flops = _flops(single, idx[0, :1], mask[0, :1], keys[0]) * s * c
 
   gram = jax.jit(lambda i, m, k: jax.vmap(
       functools.partial(client.gram_pass, fm, pre, 'diag', True),
       in_axes=(None,) * 5 + (0, 0, 0))(p.frozen, p.a, p.b, p.head, images, i, m, k))
   fwd = jax.jit(lambda i: jax.vmap(functools.partial(client.predict, fm, pre),
-                                   in_axes=(None,) * 6 + (0,))(p.frozen, p.a, p.b, p.head,
+                                   in_axes=(None,) * 5 + (0,))(p.frozen, p.a, p.b, p.head,
                                                                 images, i))
   out['gram'] = bc.time_fn(gram, idx, mask, keys, repeats=repeats)
   out['forward'] = bc.time_fn(fwd, idx, repeats=repeats)

@@ -2,8 +2,9 @@
 
 The JAX side runs in float32; references are numpy float64. The reference
 solves the stacked least-squares problem min sum_i w_i ||X_i (m - m_i)||^2
-with X_i^T X_i = G~_i (X_i from eigh of G~_i), by np.linalg.lstsq, whose
-minimum-norm answer is the float64 pseudo-inverse answer on singular systems.
+with X_i^T X_i = G~_i (Cholesky of G~_i, eigh when singular) by
+np.linalg.lstsq, whose minimum-norm answer is the float64 pseudo-inverse
+answer on singular systems.
 """
 from __future__ import annotations
 
