@@ -2,6 +2,7 @@
 
   python -m experiments.run --config=configs/default.py --workdir=workdirs/default
   python -m experiments.run --config=configs/imagenet_r.py:beta=0.1 --config.seed=1
+  python -m experiments.run --config=configs/default.py --workdir=W --max_rounds=3  # then stop
 
 Rerunning the same command on the same workdir resumes from the last round.
 """
@@ -12,13 +13,18 @@ from lorm_jax.federated import simulate
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder (results, checkpoints).')
+_MAX_ROUNDS = flags.DEFINE_integer('max_rounds', None, 'Stop after this many rounds (the '
+                                   'checkpoint stays; rerun to continue).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  results = simulate.run(_CONFIG.value, _WORKDIR.value)
+  results = simulate.run(_CONFIG.value, _WORKDIR.value, max_rounds=_MAX_ROUNDS.value)
+  if not results:
+    print(f'stopped after {_MAX_ROUNDS.value} rounds; rerun to continue -> {_WORKDIR.value}')
+    return
   print(f"final accuracy {100 * results['final_accuracy']:.2f}%  "
         f"forgetting {100 * results['forgetting']:.2f}  "
         f"wall {results['wall_seconds']:.0f}s  -> {_WORKDIR.value}/results.json")

@@ -126,7 +126,7 @@ def test_strict_mode_rejects_incomplete_datasets(written):
 
 
 @pytest.mark.parametrize(
-    "name", sorted(k for k in DATASETS if k != "fashion_mnist"))
+    "name", sorted(k for k in DATASETS if k not in ("fashion_mnist", "synthetic")))
 def test_missing_dataset_fails_fast(tmp_path, no_network, name):
   t0 = time.monotonic()
   with pytest.raises(DataError) as e:
@@ -239,9 +239,17 @@ def test_to_storage_center_crop_and_stretch():
 def test_registry_facts():
   expect = {"cifar100": 100, "imagenet_r": 200, "imagenet_a": 200,
             "eurosat": 10, "cars196": 196, "caltech_birds2011": 200,
-            "fashion_mnist": 10}
+            "fashion_mnist": 10, "synthetic": 200}
   assert {k: v.num_classes for k, v in DATASETS.items()} == expect
   for f in DATASETS.values():
     assert -(-f.num_classes // f.classes_per_task) == f.num_tasks
   assert DATASETS["eurosat"].config == "rgb"
   assert tfds_source.DATASETS["imagenet_r"].splits == ("test",)
+
+
+def test_synthetic_dataset_generates_only_what_it_is_asked():
+  ds = load_dataset("synthetic", store_size=16, train_per_class=2, test_per_class=1)
+  assert ds.train_images.shape == (400, 16, 16, 3) and ds.test_images.shape == (200, 16, 16, 3)
+  assert np.bincount(ds.train_labels).tolist() == [2] * 200
+  again = load_dataset("synthetic", store_size=16, train_per_class=2, test_per_class=1)
+  np.testing.assert_array_equal(ds.train_images, again.train_images)

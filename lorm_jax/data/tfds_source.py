@@ -34,7 +34,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from lorm_jax.data import fmnist
+from lorm_jax.data import fmnist, synthetic
 from lorm_jax.data.dataset import Dataset
 from lorm_jax.data.errors import DataError
 from lorm_jax.data.holdout import HOLDOUT_SEED, TEST_FRACTION, holdout_split
@@ -107,6 +107,9 @@ DATASETS: dict[str, DatasetFacts] = {
     "caltech_birds2011": DatasetFacts(
         "caltech_birds2011", "caltech_birds2011", None, 200, 10, 20, "train",
         "test", key_feature="image/filename"),
+    # Noise images shaped like ImageNet-R, for benchmarks (data/synthetic.py).
+    "synthetic": DatasetFacts(
+        "synthetic", None, None, 200, 10, 20, "train", "test"),
 }
 ALIASES = {"cub200": "caltech_birds2011", "cub": "caltech_birds2011",
            "cars": "cars196", "imagenet-r": "imagenet_r",
@@ -429,6 +432,8 @@ def load_dataset(
     data_dir: str | None = None,
     manual_dir: str | None = None,
     store_size: int | None = 256,
+    train_per_class: int | None = None,
+    test_per_class: int | None = None,
     **kwargs,
 ) -> Dataset:
   """Loads any registered dataset (``fashion_mnist`` or one of the six).
@@ -438,7 +443,11 @@ def load_dataset(
     data_dir: Fashion-MNIST: folder of the idx files (None = Debian path);
       others: tfds data_dir (None = tfds default).
     manual_dir: see ``load_tfds_dataset``.
-    store_size: storage side of variable-size datasets.
+    store_size: storage side of variable-size datasets (and the side of
+      the synthetic images).
+    train_per_class, test_per_class: image counts of ``synthetic`` (which
+      generates only what it needs); other datasets ignore them and are cut
+      afterwards by ``dataset.subsample_dataset``.
     **kwargs: passed to ``load_tfds_dataset`` (resize_mode, strict,
       num_workers).
 
@@ -448,6 +457,8 @@ def load_dataset(
   f = facts(name)
   if f.name == "fashion_mnist":
     return fmnist.load_fashion_mnist(data_dir)
+  if f.name == "synthetic":
+    return synthetic.synthetic_dataset(store_size or 224, train_per_class, test_per_class)
   return load_tfds_dataset(f.name, data_dir, manual_dir, store_size, **kwargs)
 
 

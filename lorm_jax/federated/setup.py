@@ -152,7 +152,9 @@ def build_experiment(c: ConfigDict, workdir: str) -> Experiment:
 
   # Data: fail fast if missing, before the weights.
   ds = tfds_source.load_dataset(c.dataset.name, c.dataset.data_dir or None,
-                                c.dataset.manual_dir or None, c.dataset.store_size)
+                                c.dataset.manual_dir or None, c.dataset.store_size,
+                                train_per_class=c.dataset.train_per_class or None,
+                                test_per_class=c.dataset.test_per_class or None)
   if c.dataset.train_per_class or c.dataset.test_per_class:
     ds = dataset_lib.subsample_dataset(ds, c.dataset.train_per_class or 10**9,
                                        c.dataset.test_per_class or 10**9)

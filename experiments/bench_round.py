@@ -1,0 +1,184 @@
+"""Whole rounds through the real loop: time and peak memory vs clients and rank.
+
+  python -m experiments.bench_round                   # both sweeps below, ~30 min here
+  python -m experiments.bench_round --only=default    # the embedded default only
+  python -m experiments.bench_round --config=configs/bench_vit_b16.py --whole-run
+                                                      # first task, whole run extrapolated
+
+Every point is its own `python -m experiments.run ... --max_rounds=R` process
+(nothing is shared between points; peak RSS is that process's, from wait4).
+The first two rounds compile (a B-round and an A-round, different jitted
+steps), so the figures are the medians of the rounds after them, split into
+local training, Gram pass and merge as the loop logs them in metrics.jsonl.
+
+Clients hold balanced data (beta = 1000) and a fixed number of samples each,
+so the work per client is constant and the curves show the cost of the client
+axis itself. Writes the "Rounds" section of BENCHMARKS.md and
+docs/img/bench_round.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from experiments import bench_common as bc
+
+# name -> (config file, fixed overrides, samples per client, clients sweep, ranks sweep)
+SWEEPS = {
+    'default': dict(config='configs/default.py', per_client=40, rank_clients=10,
+                    clients=(1, 2, 4, 8, 16, 32), ranks=(1, 8, 32), rounds=4,
+                    set={'num_tasks': 5, 'dataset.test_per_class': 10}),
+    'vit_b16': dict(config='configs/bench_vit_b16.py', per_client=16, rank_clients=1,
+                    clients=(1, 2, 4), ranks=(1, 32), rounds=3,
+                    set={'model.dtype': 'float32', 'clients_per_chunk': 2,
+                         'dataset.test_per_class': 1, 'local_epochs': 1}),
+}
+# Rounds per point: the first two compile (a B-round and an A-round are different
+# jitted steps); the rest are measured (default: a B- and an A-round; ViT-B: a B-round).
+
+
+def classes_per_task(config: str) -> int:
+  return 2 if 'default' in config else 20
+
+
+def run_point(config: str, overrides: dict, rounds: int, extra_flags=()) -> dict:
+  """One experiments.run process; its round timings and peak RSS."""
+  with tempfile.TemporaryDirectory() as workdir:
+    cmd = [sys.executable, '-m', 'experiments.run', f'--config={config}',
+           f'--workdir={workdir}', f'--max_rounds={rounds}', *extra_flags]
+    cmd += [f'--config.{k}={v}' for k, v in overrides.items()]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+      raise RuntimeError(f'{" ".join(cmd)} failed:\n{out[-3000:]}')
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      lines = [json.loads(x) for x in f]
+  rows = [x for x in lines if x['kind'] == 'round']
+  timed = rows[2:] or rows[-1:]
+  med = lambda k: statistics.median(x[k] for x in timed)
+  return dict(round=med('seconds_round'), train=med('seconds_train'), gram=med('seconds_gram'),
+              merge=med('seconds_merge'), wall=wall, rows=rows,
+              rss_gib=usage.ru_maxrss / 2**20)  # ru_maxrss is in KiB on Linux
+
+
+def point_overrides(sweep: dict, clients: int, rank: int | None) -> dict:
+  per_class = -(-sweep['per_client'] * clients // classes_per_task(sweep['config']))
+  o = dict(sweep['set'], num_clients=clients, beta=1000.0, **{
+      'dataset.train_per_class': per_class})
+  if rank is not None:
+    o['model.rank'] = rank
+  return o
+
+
+def run_sweep(name: str, sweep: dict) -> list[dict]:
+  points = [('clients', c, None) for c in sweep['clients']]
+  points += [('rank', sweep['rank_clients'], r) for r in sweep['ranks']]
+  out = []
+  for axis, clients, rank in points:
+    res = run_point(sweep['config'], point_overrides(sweep, clients, rank), sweep['rounds'])
+    res.update(sweep=name, axis=axis, clients=clients, rank=rank)
+    out.append(res)
+    print(f"{name} clients={clients} rank={rank}: round {res['round']:.2f} s (train "
+          f"{res['train']:.2f}, gram {res['gram']:.2f}, merge {1e3 * res['merge']:.0f} ms), "
+          f"peak RSS {res['rss_gib']:.2f} GiB", flush=True)
+  return out
+
+
+def whole_run(config: str) -> str:
+  """Runs the first task of `config` and extrapolates the whole run."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location('cfg', config)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config()
+  res = run_point(config, {}, c.rounds)
+  first = sum(x['seconds_round'] for x in res['rows'])
+  steady = res['round'] * c.rounds
+  est = first + steady * (c.num_tasks - 1)
+  return (f'`{config}`: first task ({c.rounds} rounds) {first:.0f} s of rounds, process '
+          f'{res["wall"]:.0f} s, peak RSS {res["rss_gib"]:.1f} GiB; steady round {res["round"]:.1f} s '
+          f'(train {res["train"]:.1f}, Gram {res["gram"]:.1f}, merge {res["merge"]:.2f}); '
+          f'whole run of {c.num_tasks} tasks **extrapolated** (not run): {est / 60:.1f} min '
+          '(end-of-task Gram passes and evaluations not included).')
+
+
+def render(points: list[dict], machine: str) -> str:
+  lines = ['Command: `python -m experiments.bench_round`  ', f'Machine: {machine}  ',
+           'Each row is one `experiments.run --max_rounds=R` process (LoRM; R = 4 for the '
+           'default, 3 for ViT-B); times are medians of the rounds after the two compiling '
+           'ones; peak RSS is the whole '
+           'process (wait4). Balanced clients (beta 1000) with a fixed number of samples '
+           'each: default 40 (Fashion-MNIST, ViT-S/14 @ 56 px, rank 2, 1 epoch), '
+           'ViT-B/16 16 (synthetic 224 px, float32, 1 epoch, clients vmapped 2 at a time).',
+           '', '| config | clients | rank | round (s) | train (s) | Gram (s) | merge (ms) | '
+           'round / client (s) | peak RSS (GiB) |', '|---|---|---|---|---|---|---|---|---|']
+  for p in points:
+    rank = p['rank'] if p['rank'] is not None else 'config'
+    lines.append(f"| {p['sweep']} | {p['clients']} | {rank} | {p['round']:.2f} | "
+                 f"{p['train']:.2f} | {p['gram']:.2f} | {1e3 * p['merge']:.0f} | "
+                 f"{p['round'] / p['clients']:.2f} | {p['rss_gib']:.2f} |")
+  return '\n'.join(lines)
+
+
+def plot(points: list[dict], path: str) -> None:
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  for name in sorted({p['sweep'] for p in points}):
+    pts = [p for p in points if p['sweep'] == name and p['axis'] == 'clients']
+    xs = [p['clients'] for p in pts]
+    axes[0].plot(xs, [p['round'] for p in pts], 'o-', label=f'{name} round (s)')
+    axes[1].plot(xs, [p['rss_gib'] for p in pts], 'o-', label=f'{name} peak RSS (GiB)')
+  for ax, title in zip(axes, ('Round time vs clients', 'Peak RSS vs clients')):
+    ax.set_xscale('log', base=2)
+    ax.set_xlabel('clients')
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--only', choices=sorted(SWEEPS), help='one sweep only')
+  p.add_argument('--config', help='with --whole-run: the config to time')
+  p.add_argument('--whole-run', action='store_true')
+  p.add_argument('--no-write', action='store_true')
+  args = p.parse_args(argv)
+  machine = bc.machine_description()
+  if args.whole_run:
+    if not args.config:
+      p.error('--whole-run needs --config')
+    text = f'Command: `python -m experiments.bench_round --config={args.config} --whole-run`  \n' \
+           f'Machine: {machine}  \n{whole_run(args.config)}'
+    print(text)
+    if not args.no_write:
+      bc.write_section('Whole run, extrapolated from its first task', text)
+    return
+  points = []
+  for name, sweep in SWEEPS.items():
+    if args.only in (None, name):
+      points += run_sweep(name, sweep)
+  text = render(points, machine)
+  print(text)
+  if not args.no_write:
+    img = bc.REPO_ROOT / 'docs' / 'img' / 'bench_round.png'
+    plot(points, str(img))
+    bc.write_section('Rounds', text + '\n\n![round time and RSS vs clients](docs/img/bench_round.png)')
+
+
+if __name__ == '__main__':
+  main()
