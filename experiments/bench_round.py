@@ -13,8 +13,9 @@ local training, Gram pass and merge as the loop logs them in metrics.jsonl.
 
 Clients hold balanced data (beta = 1000) and a fixed number of samples each,
 so the work per client is constant and the curves show the cost of the client
-axis itself. Writes the "Rounds" section of BENCHMARKS.md and
-docs/img/bench_round.png.
+axis itself. Writes the "Rounds" section of BENCHMARKS.md, the plot
+docs/img/bench_round.png and the points in docs/bench_round.json (`--only`
+reruns one sweep and keeps the other's points).
 """
 from __future__ import annotations
 
@@ -168,10 +169,16 @@ def main(argv=None) -> None:
     if not args.no_write:
       bc.write_section('Whole run, extrapolated from its first task', text)
     return
-  points = []
+  # Points of the sweeps not rerun are kept from the last run (docs/bench_round.json).
+  saved = bc.REPO_ROOT / 'docs' / 'bench_round.json'
+  old = json.loads(saved.read_text()) if saved.exists() and args.only else []
+  points = [p for p in old if p['sweep'] != args.only]
   for name, sweep in SWEEPS.items():
     if args.only in (None, name):
       points += run_sweep(name, sweep)
+  points.sort(key=lambda p: list(SWEEPS).index(p['sweep']))
+  if not args.no_write:
+    saved.write_text(json.dumps(points, indent=1))
   text = render(points, machine)
   print(text)
   if not args.no_write:
