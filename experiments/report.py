@@ -39,8 +39,16 @@ PUBLISHED = {
     'pilora': (76.48, 53.67, 19.62, 48.35, 37.57, 61.11),
     'lorm': (86.95, 72.48, 37.26, 84.23, 54.41, 64.60),
 }
-METHOD_ORDER = ['joint', 'fedavg', 'ffa_lora', 'regmean', 'fisheravg', 'ccvr', 'ewc', 'lwf',
+# Methods of this project compared with another name's published row: `joint_fed`
+# is the reference's own joint protocol (one task, federated), `joint` the central one.
+PUBLISHED_AS = {'joint_fed': 'joint'}
+METHOD_ORDER = ['joint', 'joint_fed', 'fedavg', 'ffa_lora', 'regmean', 'fisheravg', 'ccvr', 'ewc', 'lwf',
                 'fedproto', 'l2p', 'coda_p', 'target', 'pilora', 'lorm']
+
+
+def published(method: str) -> tuple:
+  """The published final accuracies of `method` in BENCHMARKS order (None if none)."""
+  return PUBLISHED.get(PUBLISHED_AS.get(method, method), (None,) * len(BENCHMARKS))
 
 
 def load_results(paths: list[str]) -> list[dict]:
@@ -79,7 +87,7 @@ def paper_table(cells) -> str:
     row = []
     for i, b in enumerate(BENCHMARKS):
       ours = cells.get((m, b), [])
-      pub = PUBLISHED.get(m, (None,) * 6)[i]
+      pub = published(m)[i]
       pub_s = f'{pub:.2f}' if pub is not None else 'n/a'
       if ours:
         diff = f' ({np.mean(ours) - pub:+.2f})' if pub is not None else ''
@@ -120,8 +128,8 @@ def bar_chart(path: str, cells) -> None:
     errs = [np.std(cells.get((m, d), [0]), ddof=0) for d in datasets]
     ax.bar(np.arange(len(datasets)) + i * width, vals, width, yerr=errs, label=m)
     for d_i, d in enumerate(datasets):
-      if d in BENCHMARKS and m in PUBLISHED:
-        ax.plot(d_i + i * width, PUBLISHED[m][BENCHMARKS.index(d)], 'k_', markersize=12)
+      if d in BENCHMARKS and published(m)[0] is not None:
+        ax.plot(d_i + i * width, published(m)[BENCHMARKS.index(d)], 'k_', markersize=12)
   ax.set_xticks(np.arange(len(datasets)) + width * (len(methods) - 1) / 2)
   ax.set_xticklabels([TITLES.get(d, d) for d in datasets])
   ax.set_ylabel('final accuracy (%)')

@@ -1,6 +1,7 @@
 """End-to-end properties of the federated simulation on configs/smoke.py."""
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import math
@@ -222,6 +223,17 @@ def test_paper_configs_build_and_validate(name, tmp_path):
     setup.build_experiment(c, str(tmp_path / 'w'))
 
 
+def test_benchmark_config_has_the_imagenet_r_shape():
+  from configs import bench_vit_b16, imagenet_r
+  c, ref = bench_vit_b16.get_config(), imagenet_r.get_config()
+  setup.validate_config(c)
+  assert c.dataset.name == 'synthetic' and c.model.weights == 'random'
+  same = ('model.name', 'model.rank', 'image_size', 'num_tasks', 'num_clients', 'rounds',
+          'local_epochs', 'batch_size', 'lr_head', 'alpha_head')
+  get = lambda cfg, k: functools.reduce(getattr, k.split('.'), cfg)
+  assert all(get(c, k) == get(ref, k) for k in same)
+
+
 @pytest.mark.parametrize('override,match', [
     (dict(method='nope'), 'unknown method'),
     (dict(**{'dataset.name': 'mnist_plus'}), 'mnist_plus'),
@@ -259,3 +271,27 @@ def test_ffa_lora_trains_only_b(tmp_path):
   assert res['method'] == 'ffa_lora' and 0.0 <= res['final_accuracy'] <= 1.0
   rounds = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl') if '"round"' in l]
   assert {r['factors'] for r in rounds} == {'b'}
+
+
+# ---------------------------------------------------------------------------
+# Baselines on the same loop (lorm_jax/methods; properties in test_methods.py).
+
+
+@pytest.mark.parametrize('method', ['joint', 'joint_fed', 'regmean'])
+def test_baseline_runs_on_the_same_loop(method, tmp_path):
+  res = simulate.run(smoke_config(method=method), str(tmp_path), progress=False)
+  assert res['method'] == method and 0.0 <= res['final_accuracy'] <= 1.0
+  assert res['merge_fallbacks'] == 0
+  rounds = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl') if '"round"' in l]
+  assert {r['factors'] for r in rounds} == {'ab'}
+  assert all(np.isfinite(r['train_loss']) for r in rounds)
+  if method.startswith('joint'):
+    # One task over all 10 classes, evaluated on all of them; `joint` is one client.
+    assert res['num_tasks'] == 1 and res['accuracy_matrix'] == [[res['final_accuracy']]]
+    assert res['num_clients'] == (1 if method == 'joint' else 3)
+    assert len(rounds) == 2 and res['forgetting'] == 0.0
+  else:
+    assert res['num_tasks'] == 2 and len(rounds) == 4
+    # The running full delta D (tiny ViT: 2 blocks of qkv, proj, fc1, fc2) is downloaded too.
+    d_bytes = 4 * 2 * (64 * 192 + 64 * 64 + 64 * 128 + 128 * 64)
+    assert rounds[0]['download_bytes_per_client'] > d_bytes

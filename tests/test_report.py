@@ -26,6 +26,19 @@ def test_report_groups_seeds_and_sets_published_numbers(tmp_path, capsys):
   assert (tmp_path / 'out' / 'report.png').stat().st_size > 0
 
 
+def test_report_places_baselines_beside_their_published_rows(tmp_path, capsys):
+  _write(tmp_path / 'j', 'joint', 'eurosat', 0.9, 0)
+  _write(tmp_path / 'f', 'joint_fed', 'eurosat', 0.8, 0)
+  _write(tmp_path / 'r', 'regmean', 'cifar100', 0.6, 0)
+  report.main([str(tmp_path / d) for d in 'jfr'])
+  lines = {l.split(' | ')[0][2:]: l for l in capsys.readouterr().out.splitlines()
+           if l.startswith('| ')}
+  assert '90.00 / 98.42 (-8.42)' in lines['joint']
+  assert '80.00 / 98.42 (-18.42)' in lines['joint_fed']  # the reference's joint protocol
+  assert '60.00 / 59.80 (+0.20)' in lines['regmean']
+  assert 'no run / 76.10' in lines['fisheravg']
+
+
 def test_sweep_skips_finished_runs(tmp_path, capsys):
   _write(tmp_path / 'lorm_seed0', 'lorm', 'fashion_mnist', 0.5, 0)
   sweep.main(['--config=configs/smoke.py', '--methods=lorm', '--seeds=0,1',

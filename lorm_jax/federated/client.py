@@ -10,7 +10,8 @@ Parameters are the flat dicts of `lorm_jax.models.functional`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+import functools
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,8 +20,25 @@ import optax
 from lorm_jax.models.functional import Flat, FunctionalViT
 
 Preprocess = Callable[[jax.Array, jax.Array], jax.Array]  # (key, uint8 (B,H,W,C)) -> f32
-# extra_loss(trainable, fixed, batch) -> scalar, for methods that regularise.
-ExtraLoss = Callable[..., jax.Array]
+
+
+class Batch(NamedTuple):
+  """What a method's loss term or statistic sees of one batch of one client."""
+  params: dict           # {'a', 'b', 'head'}: the client's current values
+  aux: Any               # Method.train_aux(server, task), the same for every client
+  x: jax.Array           # (B, H, W, C) preprocessed images
+  y: jax.Array           # (B,) int32 labels
+  w: jax.Array           # (B,) sample weights, 0 for padding
+  logits: jax.Array      # (B, K) with params
+  feats: jax.Array       # (B, D) final-norm class-token features with params
+  class_mask: jax.Array  # (K,) bool: the current task's classes
+  forward: Callable      # (a, b, head, x) -> (logits, feats), the client's backbone
+
+
+# A method's extra local loss (a scalar added to the masked cross-entropy), and
+# a per-client statistic (a pytree, summed over the client's batches).
+LossTerm = Callable[[Batch], jax.Array]
+StatFn = Callable[[Batch], Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,12 +47,15 @@ class LocalSpec:
 
   factors: the LoRA factors trained this round, a subset of ('a', 'b'); the
   others stay at the server's value. A fresh AdamW per round, as the reference.
+  loss_term: an optional extra loss (a module-level function, so the spec
+  stays hashable) added to the cross-entropy; its data is `aux`.
   """
   factors: tuple[str, ...]
   lr_lora: float
   lr_head: float
   weight_decay: float = 0.0
   train_head: bool = True
+  loss_term: LossTerm | None = None
 
 
 def make_optimizer(spec: LocalSpec) -> optax.GradientTransformation:
@@ -71,26 +92,29 @@ def masked_cross_entropy(logits: jax.Array, labels: jax.Array, class_mask: jax.A
 def local_train(model: FunctionalViT, spec: LocalSpec, preprocess: Preprocess,
                 frozen: Flat, a: Flat, b: Flat, head: Flat,
                 images: jax.Array, labels: jax.Array, idx: jax.Array, mask: jax.Array,
-                key: jax.Array, class_mask: jax.Array,
-                extra_loss: ExtraLoss | None = None, extra: dict | None = None,
+                key: jax.Array, class_mask: jax.Array, aux: Any = None,
                 ) -> tuple[Flat, Flat, Flat, dict]:
   """One client's local training: scan over S steps of batch B.
 
   images (N, H, W, C) uint8 and labels (N,) int32 are the whole training
   set; idx/mask (S, B) select this client's batches. Steps whose mask is all
-  zero leave parameters and optimizer state untouched.
+  zero leave parameters and optimizer state untouched. With spec.loss_term
+  the loss is the masked cross-entropy + loss_term(Batch(..., aux, ...)).
   Returns (a, b, head, stats) with stats = {loss_sum, correct, seen, steps}.
   """
   trainable, fixed = split_trainable(spec, a, b, head)
   opt = make_optimizer(spec)
+  forward = functools.partial(_forward, model, frozen)
 
   def loss_fn(trainable, x, y, w):
     p = {**fixed, **trainable}
-    logits, _, _ = model.apply(frozen, p['a'], p['b'], p['head'], x)
+    if spec.loss_term is None:
+      logits, _, _ = model.apply(frozen, p['a'], p['b'], p['head'], x)
+      return masked_cross_entropy(logits, y, class_mask, w)
+    logits, feats = forward(p['a'], p['b'], p['head'], x)
     loss, correct = masked_cross_entropy(logits, y, class_mask, w)
-    if extra_loss is not None:
-      loss = loss + extra_loss(p, x, y, w, logits, extra)
-    return loss, correct
+    batch = Batch(p, aux, x, y, w, logits, feats, class_mask, forward)
+    return loss + spec.loss_term(batch), correct
 
   def step(carry, inputs):
     s, batch_idx, w = inputs
@@ -118,6 +142,38 @@ def local_train(model: FunctionalViT, spec: LocalSpec, preprocess: Preprocess,
   stats = {'loss_sum': jnp.sum(loss_sum), 'correct': jnp.sum(correct),
            'seen': jnp.sum(seen), 'steps': jnp.sum(live)}
   return p['a'], p['b'], p['head'], stats
+
+
+def _forward(model: FunctionalViT, frozen: Flat, a: Flat, b: Flat, head: Flat,
+             x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """x (B, H, W, C) -> (logits (B, K), features (B, D)); the head is linear."""
+  feats, _, _ = model.apply(frozen, a, b, head, x, features_only=True)
+  return feats @ head['kernel'] + head['bias'], feats
+
+
+def stats_pass(model: FunctionalViT, preprocess: Preprocess, stat_fn: StatFn, frozen: Flat,
+               a: Flat, b: Flat, head: Flat, aux: Any, images: jax.Array, labels: jax.Array,
+               idx: jax.Array, mask: jax.Array, key: jax.Array, class_mask: jax.Array) -> Any:
+  """Sums stat_fn(Batch) over a client's batches idx/mask (S, B); padded
+  samples have weight 0 and all-padding steps are skipped. Returns the summed pytree."""
+  forward = functools.partial(_forward, model, frozen)
+  params = {'a': a, 'b': b, 'head': head}
+
+  def one(s, batch_idx, w):
+    x = preprocess(jax.random.fold_in(key, s), images[batch_idx])
+    logits, feats = forward(a, b, head, x)
+    return stat_fn(Batch(params, aux, x, labels[batch_idx], w, logits, feats, class_mask,
+                         forward))
+
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                       jax.eval_shape(one, 0, idx[0], mask[0]))
+
+  def step(acc, inputs):
+    s, batch_idx, w = inputs
+    add = lambda acc: jax.tree.map(jnp.add, acc, one(s, batch_idx, w))
+    return jax.lax.cond(jnp.sum(w) > 0, add, lambda acc: acc, acc), None
+
+  return jax.lax.scan(step, zeros, (jnp.arange(idx.shape[0]), idx, mask))[0]
 
 
 def gram_pass(model: FunctionalViT, preprocess: Preprocess, gram_mode: str | None,

@@ -47,8 +47,9 @@ class ClientRunner:
     n_dev = jax.device_count()
     sequential = mode == 'sequential'
     self.mesh = Mesh(np.array(jax.devices()), ('clients',)) if n_dev > 1 and not sequential else None
-    chunk = max(1, min(clients_per_chunk, exp.config.num_clients))
-    self.chunk = exp.config.num_clients if sequential else -(-chunk // n_dev) * n_dev
+    num_clients = max(len(clients) for clients in exp.split)  # 1 for a central method
+    chunk = max(1, min(clients_per_chunk, num_clients))
+    self.chunk = num_clients if sequential else -(-chunk // n_dev) * n_dev
     model, pre_train, pre_test = exp.model, exp.preprocess_train, exp.preprocess_test
 
     def over_clients(fn, in_axes, *args):
@@ -63,10 +64,16 @@ class ClientRunner:
       return jax.lax.map(one, per_client)
 
     @functools.partial(jax.jit, static_argnames=('spec',))
-    def train(spec, frozen, a, b, head, images, labels, idx, mask, keys, class_mask):
+    def train(spec, frozen, a, b, head, images, labels, idx, mask, keys, class_mask, aux):
       fn = functools.partial(client.local_train, model, spec, pre_train)
-      return over_clients(fn, (None,) * 6 + (0, 0, 0, None),
-                          frozen, a, b, head, images, labels, idx, mask, keys, class_mask)
+      return over_clients(fn, (None,) * 6 + (0, 0, 0, None, None),
+                          frozen, a, b, head, images, labels, idx, mask, keys, class_mask, aux)
+
+    @functools.partial(jax.jit, static_argnames=('stat_fn',))
+    def stats(stat_fn, frozen, a, b, head, aux, images, labels, idx, mask, keys, class_mask):
+      fn = functools.partial(client.stats_pass, model, pre_train, stat_fn)
+      return over_clients(fn, (None, 0, 0, 0, None, None, None, 0, 0, 0, None),
+                          frozen, a, b, head, aux, images, labels, idx, mask, keys, class_mask)
 
     @functools.partial(jax.jit, static_argnames=('gram_mode', 'head_gram', 'shared'))
     def grams(gram_mode, head_gram, shared, frozen, a, b, head, b_scale, images, idx, mask, keys):
@@ -76,7 +83,7 @@ class ClientRunner:
       return over_clients(fn, (None, ax, ax, ax, None, 0, 0, 0),
                           frozen, a, b, head, images, idx, mask, keys)
 
-    self._train, self._grams = train, grams
+    self._train, self._grams, self._stats = train, grams, stats
     self.predict = jax.jit(functools.partial(client.predict, model, pre_test))
     self.add_deltas = jax.jit(F.add_kernel_deltas)
 
@@ -99,12 +106,23 @@ class ClientRunner:
   def _concat(parts):
     return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *parts)
 
-  def train(self, spec: client.LocalSpec, frozen, server, idx, mask, keys, class_mask):
+  def train(self, spec: client.LocalSpec, frozen, server, idx, mask, keys, class_mask, aux):
     parts = []
     for cidx, cmask, ckeys in self._chunks(idx, mask, keys):
       parts.append(self._train(spec, frozen, server['a'], server['b'], server['head'],
                                self.exp.train_images, self.exp.train_labels, cidx, cmask,
-                               ckeys, class_mask))
+                               ckeys, class_mask, aux))
+    return self._concat(parts)
+
+  def stats(self, stat_fn: client.StatFn, frozen, a, b, head, aux, idx, mask, keys,
+            class_mask):
+    """Per-client stat_fn sums with the clients' own a/b/head (leading axis C)."""
+    parts = []
+    for i, (cidx, cmask, ckeys) in enumerate(self._chunks(idx, mask, keys)):
+      sl = slice(i * self.chunk, (i + 1) * self.chunk)
+      ca, cb, ch = (jax.tree.map(lambda x: x[sl], t) for t in (a, b, head))
+      parts.append(self._stats(stat_fn, frozen, ca, cb, ch, aux, self.exp.train_images,
+                               self.exp.train_labels, cidx, cmask, ckeys, class_mask))
     return self._concat(parts)
 
   def grams(self, request: GramRequest, frozen, a, b, head, b_scale, idx, mask, keys,
@@ -194,7 +212,7 @@ def run(config: ConfigDict, workdir: str, *, max_rounds: int | None = None,
   returns {} if stopped early.
   """
   t_start = time.time()
-  exp = build_experiment(config, workdir)
+  exp = _apply_task_structure(build_experiment(config, workdir))
   c = config
   method = exp.method
   runner = ClientRunner(exp, c.clients_per_chunk, c.client_mode)
@@ -253,8 +271,9 @@ def run(config: ConfigDict, workdir: str, *, max_rounds: int | None = None,
       keys = rng.client_keys(rng.key(c.seed, 'train', t, r), len(clients_t))
       deltas = method.train_deltas(server, t)
       frozen_train = runner.add_deltas(exp.params.frozen, deltas) if deltas else exp.params.frozen
+      aux = method.train_aux(server, t)
       a_c, b_c, head_c, stats = runner.train(spec, frozen_train, server, idx, mask, keys,
-                                             class_mask)
+                                             class_mask, aux)
       jax.block_until_ready(a_c)
       t_train = time.time() - t0
 
@@ -270,18 +289,28 @@ def run(config: ConfigDict, workdir: str, *, max_rounds: int | None = None,
         gkeys = rng.client_keys(rng.key(c.seed, 'gram', t, r), len(clients_t))
         grams, head_grams = runner.grams(request, frozen_gram, a_c, b_c, head_c, b_scale,
                                          gidx, gmask, gkeys, shared=False)
-      jax.block_until_ready(grams)
+      stat_fn, client_stats = method.stats_request(t, r), None
+      if stat_fn is not None:
+        sidx, smask = batching.client_batch_plan(
+            clients_t, c.batch_size, 1, lambda ci: rng.numpy_rng(c.seed, 'stats', t, r, ci),
+            num_steps=fixed_steps(1))
+        skeys = rng.client_keys(rng.key(c.seed, 'stats', t, r), len(clients_t))
+        client_stats = runner.stats(stat_fn, frozen_train, a_c, b_c, head_c, aux, sidx, smask,
+                                    skeys, class_mask)
+      jax.block_until_ready((grams, client_stats))
       t_gram = time.time() - t1
 
       t2 = time.time()
       n_pad = jax.tree.leaves(a_c)[0].shape[0]
       weights = jnp.asarray(np.pad(num_samples, (0, n_pad - len(num_samples))))
-      results = ClientResults(a_c, b_c, head_c, grams, head_grams, weights)
+      results = ClientResults(a_c, b_c, head_c, grams, head_grams, weights, client_stats)
       server, info = method.aggregate(server, results, t, r)
       jax.block_until_ready(server)
       t_merge = time.time() - t2
 
       up, down = comm_bytes_per_client(server, spec, request, exp.model)
+      down += F.tree_size_bytes(method.download_extra(server))
+      up += F.tree_size_bytes(jax.tree.map(lambda x: x[0], client_stats))
       meta.comm_up += up * len(clients_t)
       meta.comm_down += down * len(clients_t)
       fallbacks = int(info.get('merge_fallbacks', 0))
@@ -339,12 +368,24 @@ def run(config: ConfigDict, workdir: str, *, max_rounds: int | None = None,
   return results
 
 
+def _apply_task_structure(exp: Experiment) -> Experiment:
+  """The method's grouping of tasks and clients (`Method.task_structure`)."""
+  task_classes, split = exp.method.task_structure(exp.task_classes, exp.split)
+  if task_classes is exp.task_classes and split is exp.split:
+    return exp
+  task_of_label = np.zeros(exp.num_classes, np.int32)
+  for t, cls in enumerate(task_classes):
+    task_of_label[cls] = t
+  return dataclasses.replace(exp, task_classes=task_classes, split=split,
+                             task_of_label=task_of_label)
+
+
 def _results(exp: Experiment, c: ConfigDict, meta: RunMeta, wall: float) -> dict[str, Any]:
   t = len(meta.acc_matrix)
   acc = np.array([[np.nan if v is None else v for v in row] for row in meta.acc_matrix])
   return {
       'method': c.method, 'dataset': c.dataset.name, 'beta': c.beta, 'seed': c.seed,
-      'num_tasks': t, 'num_clients': c.num_clients, 'rounds': c.rounds,
+      'num_tasks': t, 'num_clients': len(exp.split[0]), 'rounds': c.rounds,
       'final_accuracy': meta.acc_after_task[-1],
       'accuracy_per_task_end': meta.acc_after_task,
       'accuracy_matrix': meta.acc_matrix,

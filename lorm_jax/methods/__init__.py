@@ -5,12 +5,17 @@ from ml_collections import ConfigDict
 
 from lorm_jax.methods.base import ClientResults, GramRequest, Method
 from lorm_jax.methods.fedavg import FedAvg, FFALoRA
+from lorm_jax.methods.joint import Joint, JointFed
 from lorm_jax.methods.lorm import LoRM
+from lorm_jax.methods.regmean import RegMean
 
 METHODS: dict[str, type[Method]] = {
     'lorm': LoRM,
     'fedavg': FedAvg,
     'ffa_lora': FFALoRA,
+    'joint': Joint,
+    'joint_fed': JointFed,
+    'regmean': RegMean,
 }
 
 

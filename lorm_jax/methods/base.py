@@ -4,6 +4,7 @@ The loop in `lorm_jax.federated.simulate` owns data, batching, vmapping,
 checkpointing and evaluation; a method only says, as pure functions over
 pytrees (fedjax style):
 
+  task_structure  how the run's tasks and client split are grouped (joint)
   begin_task    server state at the start of task t (e.g. fresh LoRA)
   local_spec    which parameters clients train in round r, learning rates
   gram_request  which Grams the clients collect after training
@@ -11,6 +12,11 @@ pytrees (fedjax style):
   aggregate     server update from the stacked client results
   end_task      cross-task consolidation after the last round of a task
   eval_model    kernel deltas and LoRA the evaluated model uses
+
+Optional hooks with do-nothing defaults: train_deltas (a kernel delta under
+the local-training forward), train_aux (data for a LocalSpec.loss_term),
+stats_request (a per-client statistic pass after training, e.g. a Fisher),
+download_extra (server state the clients download besides a, b and head).
 
 The server state is a dict pytree {'a', 'b', 'head', 'extra'} of flat dicts
 (see `lorm_jax.models.functional`); 'extra' holds method accumulators and is
@@ -23,9 +29,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from ml_collections import ConfigDict
 
-from lorm_jax.federated.client import LocalSpec
+from lorm_jax.federated.client import LocalSpec, StatFn
 from lorm_jax.models import functional as F
 
 Server = dict[str, Any]
@@ -44,6 +51,7 @@ class ClientResults(NamedTuple):
   grams: F.Flat    # {layer: (C, in) or (C, in, in)} or {}
   head_grams: jax.Array | None  # (C, D, D)
   num_samples: jax.Array        # (C,) float32, 0 for padded clients
+  stats: Any = None             # stats_request's pytree, leaves (C, ...), or None
 
 
 @dataclasses.dataclass
@@ -51,6 +59,15 @@ class Method:
   """Base strategy: FedAvg-style defaults that subclasses override."""
   config: ConfigDict
   name: str = 'base'
+
+  # -- run structure ---------------------------------------------------------
+  def task_structure(self, task_classes: list[np.ndarray], split: list[list[np.ndarray]]
+                     ) -> tuple[list[np.ndarray], list[list[np.ndarray]]]:
+    """(classes per task, [task][client] sample indices) the run trains on.
+
+    Default: the class-incremental tasks and Dirichlet split as built.
+    """
+    return task_classes, split
 
   # -- task boundaries -------------------------------------------------------
   def init_server(self, params: F.Params, head: F.Flat, key: jax.Array) -> Server:
@@ -78,6 +95,11 @@ class Method:
   def gram_request(self, task: int, rnd: int) -> GramRequest | None:
     return None
 
+  def stats_request(self, task: int, rnd: int) -> StatFn | None:
+    """A per-client statistic summed over the client's data after training
+    (`client.stats_pass`); lands in ClientResults.stats. Default none."""
+    return None
+
   def gram_model(self, server: Server, task: int) -> tuple[F.Flat, float]:
     """(kernel deltas added to W0, scale applied to b) for Gram passes."""
     return {}, 1.0
@@ -89,6 +111,14 @@ class Method:
   # -- evaluation -----------------------------------------------------------
   def train_deltas(self, server: Server, task: int) -> F.Flat:
     """Kernel deltas on top of W0 in the local-training forward (default none)."""
+    return {}
+
+  def train_aux(self, server: Server, task: int) -> Any:
+    """Pytree handed to LocalSpec.loss_term / the stats pass (shared by clients)."""
+    return {}
+
+  def download_extra(self, server: Server) -> Any:
+    """Server state clients download each round besides a, b, head (byte count only)."""
     return {}
 
   def eval_model(self, server: Server, task: int) -> tuple[F.Flat, F.Flat, F.Flat]:
