@@ -277,7 +277,8 @@ def test_ffa_lora_trains_only_b(tmp_path):
 # Baselines on the same loop (lorm_jax/methods; properties in test_methods.py).
 
 
-@pytest.mark.parametrize('method', ['joint', 'joint_fed', 'regmean'])
+@pytest.mark.parametrize('method', ['joint', 'joint_fed', 'regmean', 'ewc', 'lwf', 'fedproto',
+                                    'fisheravg'])
 def test_baseline_runs_on_the_same_loop(method, tmp_path):
   res = simulate.run(smoke_config(method=method), str(tmp_path), progress=False)
   assert res['method'] == method and 0.0 <= res['final_accuracy'] <= 1.0
@@ -292,6 +293,24 @@ def test_baseline_runs_on_the_same_loop(method, tmp_path):
     assert len(rounds) == 2 and res['forgetting'] == 0.0
   else:
     assert res['num_tasks'] == 2 and len(rounds) == 4
+  ab_head_bytes = 4 * (2 * 1536 + 64 * 10 + 10)  # tiny ViT: a, b of 2 blocks; head
+  if method in ('fedproto', 'fisheravg'):  # a statistic uploaded every round
+    assert rounds[0]['upload_bytes_per_client'] > ab_head_bytes
+  if method in ('fedproto', 'regmean') or method in ('lwf', 'ewc') and rounds[2]['task'] == 1:
+    # Clients also download the method's train_deltas / train_aux (D, prototypes, teacher, ...).
+    assert rounds[2]['download_bytes_per_client'] > ab_head_bytes
+  if method == 'regmean':
     # The running full delta D (tiny ViT: 2 blocks of qkv, proj, fc1, fc2) is downloaded too.
     d_bytes = 4 * 2 * (64 * 192 + 64 * 64 + 64 * 128 + 128 * 64)
     assert rounds[0]['download_bytes_per_client'] > d_bytes
+
+
+@pytest.mark.parametrize('method', ['regmean', 'ewc'])
+def test_baseline_state_survives_kill_and_resume(method, tmp_path):
+  """The methods' `extra` state (D; Fisher, anchor) is checkpointed with the rest."""
+  cfg = smoke_config(method=method)
+  full = simulate.run(cfg, str(tmp_path / 'full'), progress=False)
+  workdir = str(tmp_path / 'resumed')
+  assert simulate.run(cfg, workdir, max_rounds=2, progress=False) == {}  # up to the task end
+  assert simulate.run(cfg, workdir, max_rounds=1, progress=False) == {}
+  assert _strip(simulate.run(cfg, workdir, progress=False)) == _strip(full)

@@ -100,3 +100,131 @@ def test_regmean_identical_clients_add_their_delta_and_restart_lora():
   assert nxt['extra']['D'] is new['extra']['D']
   deltas, _, b = m.eval_model(nxt, 1)
   assert deltas is new['extra']['D'] and not np.any(np.asarray(b['l']))
+
+
+# ------------------------------------- ewc, lwf, fedproto, fisheravg (LoRA variants)
+
+import functools  # noqa: E402
+
+from flax import nnx  # noqa: E402
+
+from lorm_jax.federated import client  # noqa: E402
+from lorm_jax.methods import continual as C  # noqa: E402
+from lorm_jax.models import functional as F, vit  # noqa: E402
+
+
+@pytest.fixture(scope='module')
+def tiny():
+  cfg = vit.ViTConfig(image_size=14, patch_size=7, width=16, depth=1, num_heads=2, mlp_dim=32,
+                      num_classes=4, lora_rank=2)
+  fm = F.FunctionalViT(vit.ViT(cfg, rngs=nnx.Rngs(0)))
+  p = fm.initial_params()
+  a, b = F.init_lora(jax.random.key(1), p.a, p.b)
+  b = jax.tree.map(lambda x: 0.1 * jax.random.normal(jax.random.key(7), x.shape), b)
+  head = F.init_head(jax.random.key(2), 16, 4)
+  x = jax.random.normal(jax.random.key(3), (6, 14, 14, 3))
+  y = jnp.array([0, 1, 1, 0, 1, 0])
+  w = jnp.array([1.0, 1.0, 1.0, 1.0, 1.0, 0.0])  # the last sample is padding
+  return fm, p.frozen, {'a': a, 'b': b, 'head': head}, x, y, w
+
+
+def _batch(tiny, params, aux, cm=(True, True, False, False)):
+  fm, frozen, _, x, y, w = tiny
+  forward = functools.partial(client._forward, fm, frozen)
+  logits, feats = forward(params['a'], params['b'], params['head'], x)
+  return client.Batch(params, aux, x, y, w, logits, feats, jnp.array(cm), forward)
+
+
+def test_ewc_penalty_is_lambda_fisher_squared_distance(tiny):
+  theta = tiny[2]
+  star = jax.tree.map(lambda t: t + 0.5, theta)
+  fisher = jax.tree.map(lambda t: jnp.full_like(t, 2.0), theta)
+  aux = {'fisher': fisher, 'star': star, 'lam': jnp.float32(1.0)}
+  n = sum(x.size for x in jax.tree.leaves(theta))
+  np.testing.assert_allclose(C.ewc_penalty(_batch(tiny, theta, aux)), 2.0 * 0.25 * n, rtol=1e-5)
+  assert float(C.ewc_penalty(_batch(tiny, theta, {**aux, 'star': theta}))) == 0.0
+  # Its gradient is the reference's injected lambda * 2 F (theta - theta*).
+  g = jax.grad(lambda t: C.ewc_penalty(_batch(tiny, t, aux)))(theta)
+  for gi in jax.tree.leaves(g):
+    np.testing.assert_allclose(np.asarray(gi), -2.0, rtol=1e-5)
+
+
+def test_lwf_term_has_zero_gradient_when_student_is_the_teacher(tiny):
+  theta = tiny[2]
+  aux = {'teacher': theta, 'alpha': jnp.float32(0.5), 'temp': jnp.float32(2.0)}
+  g = jax.grad(lambda t: C.lwf_distillation(_batch(tiny, t, aux)))(theta)
+  assert max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(g)) < 1e-6
+  other = {**aux, 'teacher': jax.tree.map(lambda t: t * 1.5, theta)}
+  g2 = jax.grad(lambda t: C.lwf_distillation(_batch(tiny, t, other)))(theta)
+  assert float(jnp.max(jnp.abs(g2['head']['kernel']))) > 1e-4
+  # Only the current task's columns (the reference's slice) take part.
+  assert not np.any(np.asarray(g2['head']['kernel'])[:, 2:])
+
+
+def test_diagonal_fisher_matches_a_per_sample_loop(tiny):
+  theta = tiny[2]
+  batch = _batch(tiny, theta, {})
+  got = C.diagonal_fisher(batch)
+  fm, frozen, _, x, y, w = tiny
+  want = jax.tree.map(jnp.zeros_like, theta)
+  for n in range(x.shape[0] - 1):  # the padded sample adds nothing
+    def logp(t):
+      logits, _ = client._forward(fm, frozen, t['a'], t['b'], t['head'], x[n:n + 1])
+      return jax.nn.log_softmax(jnp.where(batch.class_mask, logits[0], -1e9))[y[n]]
+    lp, g = jax.value_and_grad(logp)(theta)
+    want = jax.tree.map(lambda acc, gi: acc + jnp.exp(lp) * gi ** 2, want, g)
+  for a_, b_ in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(a_), np.asarray(b_), rtol=1e-4, atol=1e-9)
+  assert not np.any(np.asarray(got['head']['kernel'])[:, 2:])  # other tasks' classes
+
+
+def test_fisher_weighted_mean():
+  theta = {'p': jnp.array([[1.0, 1.0, 5.0], [3.0, 3.0, 7.0], [100.0, 100.0, 100.0]])}
+  fisher = {'p': jnp.array([[1.0, 0.0, 2.0], [1.0, 4.0, 0.0], [9.0, 9.0, 9.0]])}
+  present = jnp.array([True, True, False])  # client 2 is padding
+  got = C.fisher_weighted_mean(theta, fisher, present)['p']
+  np.testing.assert_allclose(np.asarray(got), [2.0, 3.0, 5.0], rtol=1e-6)
+
+
+def test_proto_alignment_and_prototype_merge(tiny):
+  theta = tiny[2]
+  batch = _batch(tiny, theta, {})
+  sums = C.class_feature_sums(batch)
+  np.testing.assert_allclose(np.asarray(sums['count']), [2.0, 3.0, 0.0, 0.0])
+  protos = sums['sum'] / jnp.maximum(sums['count'], 1.0)[:, None]
+  aux = {'protos': protos, 'valid': jnp.array([1.0, 1.0, 0.0, 0.0]), 'ld_reg': jnp.float32(0.1)}
+  assert float(C.proto_alignment(_batch(tiny, theta, aux))) < 1e-10
+  shifted = {**aux, 'protos': protos + 1.0}
+  np.testing.assert_allclose(C.proto_alignment(_batch(tiny, theta, shifted)), 0.1 * 2, rtol=1e-5)
+  # The server: parameters averaged uniformly over clients, prototypes by counts.
+  m = make_method('fedproto', _config())
+  ones = lambda v: {'l': jnp.full((3, 2, 2), v)}
+  stats = {'count': jnp.array([[2.0, 0.0], [6.0, 1.0], [0.0, 0.0]]),
+           'sum': jnp.array([[[2.0], [0.0]], [[18.0], [4.0]], [[0.0], [0.0]]])}
+  res = ClientResults(a=ones(1.0), b={'l': jnp.array([0.0, 3.0, 9.0])[:, None, None] * jnp.ones(
+      (3, 2, 2))}, head={'kernel': jnp.zeros((3, 1, 2)), 'bias': jnp.zeros((3, 2))}, grams={},
+      head_grams=None, num_samples=jnp.array([2.0, 7.0, 0.0]), stats=stats)
+  server = {'a': None, 'b': None, 'head': None, 'extra': None}
+  new, _ = m.aggregate(server, res, 0, 0)
+  np.testing.assert_allclose(np.asarray(new['b']['l']), 1.5)  # (0 + 3) / 2, not by samples
+  np.testing.assert_allclose(np.asarray(new['extra']['protos'])[:, 0], [20 / 8, 4.0])
+  np.testing.assert_allclose(np.asarray(new['extra']['valid']), [1.0, 1.0])
+
+
+def test_ewc_online_fisher_and_anchor():
+  m = make_method('ewc', _config())
+  theta = {'a': {'l': jnp.ones((2, 1))}, 'b': {'l': jnp.ones((1, 2))},
+           'head': {'kernel': jnp.ones((2, 3)), 'bias': jnp.ones(3)}}
+  stack = lambda t, v: jax.tree.map(lambda x: jnp.stack([x * v, x * 3 * v]), t)
+  res = ClientResults(**stack(theta, 1.0), grams={}, head_grams=None,
+                      num_samples=jnp.array([1.0, 3.0]), stats=stack(theta, 2.0))
+  old = jax.tree.map(lambda x: x * 10.0, theta)
+  server = {**theta, 'extra': {'fisher': old, 'fisher_new': old, 'star': old}}
+  assert m.stats_request(0, 0) is None and m.stats_request(0, 1) is C.diagonal_fisher
+  new, _ = m.aggregate(server, res, task=1, rnd=1)
+  np.testing.assert_allclose(np.asarray(new['a']['l']), 2.5)  # (1 * 1 + 3 * 3) / 4
+  np.testing.assert_allclose(np.asarray(new['extra']['fisher_new']['a']['l']), 2.0)  # (2+6)/4
+  done = m.end_task(new, 1, None)
+  np.testing.assert_allclose(np.asarray(done['extra']['fisher']['head']['bias']), 0.9 * 10 + 2)
+  np.testing.assert_allclose(np.asarray(done['extra']['star']['a']['l']), 2.5)
+  assert m.local_spec(0, 0).loss_term is None and m.local_spec(1, 0).loss_term is C.ewc_penalty

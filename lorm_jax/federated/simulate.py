@@ -309,7 +309,7 @@ def run(config: ConfigDict, workdir: str, *, max_rounds: int | None = None,
       t_merge = time.time() - t2
 
       up, down = comm_bytes_per_client(server, spec, request, exp.model)
-      down += F.tree_size_bytes(method.download_extra(server))
+      down += F.tree_size_bytes((deltas, aux))  # what clients need besides a, b, head
       up += F.tree_size_bytes(jax.tree.map(lambda x: x[0], client_stats))
       meta.comm_up += up * len(clients_t)
       meta.comm_down += down * len(clients_t)

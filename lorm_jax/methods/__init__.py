@@ -4,6 +4,7 @@ from __future__ import annotations
 from ml_collections import ConfigDict
 
 from lorm_jax.methods.base import ClientResults, GramRequest, Method
+from lorm_jax.methods.continual import EWC, FedProto, FisherAvg, LwF
 from lorm_jax.methods.fedavg import FedAvg, FFALoRA
 from lorm_jax.methods.joint import Joint, JointFed
 from lorm_jax.methods.lorm import LoRM
@@ -16,6 +17,10 @@ METHODS: dict[str, type[Method]] = {
     'joint': Joint,
     'joint_fed': JointFed,
     'regmean': RegMean,
+    'ewc': EWC,
+    'lwf': LwF,
+    'fedproto': FedProto,
+    'fisheravg': FisherAvg,
 }
 
 

@@ -15,8 +15,8 @@ pytrees (fedjax style):
 
 Optional hooks with do-nothing defaults: train_deltas (a kernel delta under
 the local-training forward), train_aux (data for a LocalSpec.loss_term),
-stats_request (a per-client statistic pass after training, e.g. a Fisher),
-download_extra (server state the clients download besides a, b and head).
+stats_request (a per-client statistic pass after training, e.g. a Fisher).
+Clients download a, b, head, train_deltas and train_aux every round.
 
 The server state is a dict pytree {'a', 'b', 'head', 'extra'} of flat dicts
 (see `lorm_jax.models.functional`); 'extra' holds method accumulators and is
@@ -108,17 +108,13 @@ class Method:
                 ) -> tuple[Server, dict]:
     raise NotImplementedError
 
-  # -- evaluation -----------------------------------------------------------
+  # -- training forward and evaluation ---------------------------------------
   def train_deltas(self, server: Server, task: int) -> F.Flat:
     """Kernel deltas on top of W0 in the local-training forward (default none)."""
     return {}
 
   def train_aux(self, server: Server, task: int) -> Any:
     """Pytree handed to LocalSpec.loss_term / the stats pass (shared by clients)."""
-    return {}
-
-  def download_extra(self, server: Server) -> Any:
-    """Server state clients download each round besides a, b, head (byte count only)."""
     return {}
 
   def eval_model(self, server: Server, task: int) -> tuple[F.Flat, F.Flat, F.Flat]:

@@ -101,6 +101,3 @@ class RegMean(Method):
 
   def eval_model(self, server: Server, task: int) -> tuple[F.Flat, F.Flat, F.Flat]:
     return server['extra']['D'], server['a'], jax.tree.map(jnp.zeros_like, server['b'])
-
-  def download_extra(self, server: Server) -> F.Flat:
-    return server['extra']['D']
