@@ -278,7 +278,7 @@ def test_ffa_lora_trains_only_b(tmp_path):
 
 
 @pytest.mark.parametrize('method', ['joint', 'joint_fed', 'regmean', 'ewc', 'lwf', 'fedproto',
-                                    'fisheravg'])
+                                    'fisheravg', 'ccvr'])
 def test_baseline_runs_on_the_same_loop(method, tmp_path):
   res = simulate.run(smoke_config(method=method), str(tmp_path), progress=False)
   assert res['method'] == method and 0.0 <= res['final_accuracy'] <= 1.0
@@ -294,7 +294,7 @@ def test_baseline_runs_on_the_same_loop(method, tmp_path):
   else:
     assert res['num_tasks'] == 2 and len(rounds) == 4
   ab_head_bytes = 4 * (2 * 1536 + 64 * 10 + 10)  # tiny ViT: a, b of 2 blocks; head
-  if method in ('fedproto', 'fisheravg'):  # a statistic uploaded every round
+  if method in ('fedproto', 'fisheravg', 'ccvr'):  # a statistic uploaded every round
     assert rounds[0]['upload_bytes_per_client'] > ab_head_bytes
   if method in ('fedproto', 'regmean') or method in ('lwf', 'ewc') and rounds[2]['task'] == 1:
     # Clients also download the method's train_deltas / train_aux (D, prototypes, teacher, ...).

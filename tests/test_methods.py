@@ -228,3 +228,69 @@ def test_ewc_online_fisher_and_anchor():
   np.testing.assert_allclose(np.asarray(done['extra']['fisher']['head']['bias']), 0.9 * 10 + 2)
   np.testing.assert_allclose(np.asarray(done['extra']['star']['a']['l']), 2.5)
   assert m.local_spec(0, 0).loss_term is None and m.local_spec(1, 0).loss_term is C.ewc_penalty
+
+
+# ---------------------------------------------------------------- ccvr
+
+from lorm_jax.methods import ccvr  # noqa: E402
+
+
+def test_ccvr_moments_give_numpy_mean_and_unbiased_variance(tiny):
+  batch = _batch(tiny, tiny[2], {})
+  mom = ccvr.class_feature_moments(batch)
+  weight, mean, var = ccvr.gaussians_from_moments(*(mom[k][None] for k in ('count', 'sum',
+                                                                           'sumsq')))
+  feats, y = np.asarray(batch.feats)[:5], np.asarray(batch.y)[:5]  # the 6th sample is padding
+  for k in (0, 1):
+    f = feats[y == k]
+    assert weight[0, k] == len(f)
+    np.testing.assert_allclose(np.asarray(mean[0, k]), f.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(var[0, k]), f.var(0, ddof=1), rtol=1e-3, atol=1e-5)
+  # Classes with at most one sample form no component.
+  w1, m1, v1 = ccvr.gaussians_from_moments(jnp.array([[1.0, 0.0]]), jnp.ones((1, 2, 3)),
+                                           jnp.ones((1, 2, 3)))
+  assert not np.any(np.asarray(w1)) and not np.any(np.asarray(m1)) and not np.any(np.asarray(v1))
+
+
+def test_ccvr_head_retraining_separates_the_mixtures_and_leaves_unseen_classes():
+  d, k, c = 8, 5, 2
+  centres = 3.0 * jnp.eye(d)[:k]                                   # class means, far apart
+  mean = jnp.stack([centres, centres + 0.1])                       # (C, K, D)
+  var = jnp.full((c, k, d), 0.05)
+  weight = jnp.array([[3.0, 1.0, 0.0, 2.0, 0.0], [1.0, 4.0, 5.0, 0.0, 0.0]])
+  seen = jnp.array([True, True, True, True, False])
+  head = {'kernel': 0.01 * jax.random.normal(jax.random.key(0), (d, k)), 'bias': jnp.zeros(k)}
+  new = ccvr.retrain_head(head, weight, mean, var, seen, jax.random.key(1), steps_per_epoch=4,
+                          batch=64)
+  logits = centres[:4] @ new['kernel'] + new['bias']
+  assert list(np.argmax(np.asarray(logits)[:, :4], axis=1)) == [0, 1, 2, 3]
+  # The unseen class's column gets no gradient.
+  np.testing.assert_array_equal(np.asarray(new['kernel'])[:, 4], np.asarray(head['kernel'])[:, 4])
+  assert new['bias'][4] == 0.0
+
+
+def test_ccvr_server_keeps_old_tasks_components():
+  m = make_method('ccvr', _config(num_clients=2))
+  d, k = 3, 4
+  zeros = lambda *s: jnp.zeros(s)
+  extra = {'weight': jnp.array([[2.0, 3.0, 0.0, 0.0], [4.0, 0.0, 0.0, 0.0]]),
+           'mean': jnp.ones((2, k, d)), 'var': jnp.ones((2, k, d)),
+           'seen': jnp.array([1.0, 1.0, 0.0, 0.0])}
+  theta = {'a': {'l': zeros(3, 2, 1)}, 'b': {'l': zeros(3, 1, 2)},
+           'head': {'kernel': zeros(3, d, k), 'bias': zeros(3, k)}}
+  count = jnp.array([[0.0, 0.0, 5.0, 1.0], [0.0, 0.0, 2.0, 3.0], [0.0, 0.0, 0.0, 0.0]])
+  total = 2.0 * count[..., None] * jnp.ones(d)
+  stats = {'count': count, 'sum': total, 'sumsq': 2.0 * total}  # mean 2, var of 0 or more
+  res = ClientResults(**theta, grams={}, head_grams=None, num_samples=jnp.array([6.0, 5.0, 0.0]),
+                      stats=stats)
+  server = {'a': None, 'b': None, 'head': {'kernel': zeros(d, k), 'bias': zeros(k)},
+            'extra': extra}
+  new, _ = m.aggregate(server, res, task=1, rnd=0)
+  got = new['extra']
+  # Task 0's classes (0, 1) keep their components; classes 2, 3 get this round's,
+  # where a client holds more than one sample of the class.
+  np.testing.assert_array_equal(np.asarray(got['weight']), [[2, 3, 5, 0], [4, 0, 2, 3]])
+  np.testing.assert_allclose(np.asarray(got['mean'])[:, :2], 1.0)
+  np.testing.assert_allclose(np.asarray(got['mean'])[0, 2], 2.0)
+  np.testing.assert_array_equal(np.asarray(got['seen']), [1, 1, 1, 1])
+  assert m.stats_request(0, 0) is ccvr.class_feature_moments

@@ -4,6 +4,7 @@ from __future__ import annotations
 from ml_collections import ConfigDict
 
 from lorm_jax.methods.base import ClientResults, GramRequest, Method
+from lorm_jax.methods.ccvr import CCVR
 from lorm_jax.methods.continual import EWC, FedProto, FisherAvg, LwF
 from lorm_jax.methods.fedavg import FedAvg, FFALoRA
 from lorm_jax.methods.joint import Joint, JointFed
@@ -21,6 +22,7 @@ METHODS: dict[str, type[Method]] = {
     'lwf': LwF,
     'fedproto': FedProto,
     'fisheravg': FisherAvg,
+    'ccvr': CCVR,
 }
 
 
