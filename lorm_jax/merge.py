@@ -221,19 +221,31 @@ def _regmean_system(k: jax.Array, grams: jax.Array, w: jax.Array,
   k = _drop_absent(k, w)
   if grams.ndim == 2:
     wd = w[:, None] * _drop_absent(grams, w)
-    return jnp.sum(wd, axis=0), jnp.einsum('ci,cio->io', wd, k)
+    return jnp.sum(wd, axis=0), _diag_weighted_sum(wd, k)
 
   def build(g: jax.Array) -> tuple[jax.Array, jax.Array]:
     wd = w[:, None] * jnp.diagonal(g, axis1=1, axis2=2)
     m = alpha * jnp.einsum('c,cij->ij', w, g)
     m = m + (1.0 - alpha) * jnp.diag(jnp.sum(wd, axis=0))
-    # Per-client GEMMs, then the client sum: XLA:CPU runs this ~10x faster
-    # than one contraction over (client, in) with a narrow output.
-    rhs = alpha * jnp.sum(jnp.einsum('cij,cjo->cio', g, w[:, None, None] * k),
-                          axis=0)
-    return m, rhs + (1.0 - alpha) * jnp.einsum('ci,cio->io', wd, k)
+    # Grams are symmetric, so sum_i G_i k_i = [G_1; ...; G_C]^T [k_1; ...; k_C]:
+    # one GEMM over the stacked (C * in, in) rows, whose reshape is free. On
+    # XLA:CPU that is 1.7x faster than per-client GEMMs and a client sum, and
+    # those ~10x faster than a contraction over (client, column) of g.
+    rows = g.shape[0] * g.shape[1]
+    rhs = alpha * jnp.dot(g.reshape(rows, -1).T, (w[:, None, None] * k).reshape(rows, -1))
+    return m, rhs + (1.0 - alpha) * _diag_weighted_sum(wd, k)
 
   return _build_dropping_absent(build, grams, w)
+
+
+def _diag_weighted_sum(d: jax.Array, k: jax.Array) -> jax.Array:
+  """sum_i diag(d_i) k_i for d (C, in), k (C, in, out) -> (in, out).
+
+  Written as a broadcast product and a client sum, which XLA fuses into one
+  pass over k; as an einsum it becomes `in` tiny dots batched over the row
+  (measured 4-7x slower for the 48 layers of a ViT-B).
+  """
+  return jnp.sum(d[:, :, None] * k, axis=0)
 
 
 def _build_dropping_absent(build: Callable[[jax.Array], Any], grams: jax.Array,
@@ -256,7 +268,7 @@ def _b_system(b: jax.Array, a: jax.Array, grams: jax.Array, w: jax.Array,
 
   def build(g: jax.Array) -> tuple[jax.Array, jax.Array]:
     if g.ndim == 2:  # a^T diag(g_i) a without diag matrices
-      m_c = jnp.einsum('ci,ir,is->crs', w[:, None] * g, a, a)
+      m_c = jnp.einsum('cir,is->crs', (w[:, None] * g)[:, :, None] * a, a)
     else:
       diag = jnp.diagonal(g, axis1=1, axis2=2)
       ga = alpha * jnp.einsum('cij,jr->cir', g, a)
@@ -451,8 +463,9 @@ def regmean(kernels: jax.Array, grams: jax.Array, alpha: float,
             return_info: bool = False) -> Any:
   """RegMean of client kernels: G~ k_M = sum_i w_i G~_i k_i.
 
-  kernels (C, in, out); grams (C, in, in) full or (C, in) diagonal (then
-  alpha must be 0); weights (C,) or None -> (in, out) float32 [, MergeInfo].
+  kernels (C, in, out); grams (C, in, in) full (symmetric PSD, as every Gram
+  X^T X is) or (C, in) diagonal (then alpha must be 0); weights (C,) or None
+  -> (in, out) float32 [, MergeInfo].
   Used for the classifier head and the cross-task merge.
   """
   return _run(_regmean_impl, (kernels, grams), weights, ridge, return_info,
