@@ -2,6 +2,7 @@
 
   python -m experiments.bench_train            # ViT-S/14 at 56 px and ViT-B/16 at 224 px
   python -m experiments.bench_train --quick    # ViT-S/14 only
+  python -m experiments.bench_train --vmap-breakdown [--quick]   # where vmap loses on CPU
 
 For each shape, one synthetic round of C clients x S steps x batch 16
 (balanced clients, so no padding), trained three ways:
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -53,18 +55,38 @@ def _flops(jitted, *args) -> float:
   return float(cost.get('flops', float('nan')))
 
 
-def bench_shape(name: str, shape: dict, peak: float, repeats: int) -> dict:
+class Round(NamedTuple):
+  """One synthetic round of a shape: C balanced clients x S steps x batch 16."""
+  fm: F.FunctionalViT
+  p: F.Params
+  images: jax.Array      # (C * S * 16, H, W, 3) uint8
+  labels: jax.Array      # (C * S * 16,) int32
+  idx: jax.Array         # (C, S, 16) int32
+  mask: jax.Array        # (C, S, 16) float32, all ones
+  keys: jax.Array        # (C,) keys
+  class_mask: jax.Array  # (K,) bool: the first two classes
+
+
+def _round(shape: dict) -> Round:
   fm = _model(shape)
-  p = fm.initial_params()
   c, s, size = shape['clients'], shape['steps'], shape['image']
   n = c * s * BATCH
   images = jax.random.randint(jax.random.key(0), (n, size, size, 3), 0, 255).astype(jnp.uint8)
-  labels = jnp.arange(n, dtype=jnp.int32) % 2
-  idx = jnp.arange(n, dtype=jnp.int32).reshape(c, s, BATCH)
-  mask = jnp.ones((c, s, BATCH), jnp.float32)
-  keys = jax.random.split(jax.random.key(1), c)
-  class_mask = jnp.arange(shape['classes']) < 2
-  pre = lambda k, x: x.astype(jnp.float32) / 127.5 - 1.0
+  return Round(fm, fm.initial_params(), images, jnp.arange(n, dtype=jnp.int32) % 2,
+               jnp.arange(n, dtype=jnp.int32).reshape(c, s, BATCH),
+               jnp.ones((c, s, BATCH), jnp.float32), jax.random.split(jax.random.key(1), c),
+               jnp.arange(shape['classes']) < 2)
+
+
+def _pre(key, x):
+  return x.astype(jnp.float32) / 127.5 - 1.0
+
+
+def bench_shape(name: str, shape: dict, peak: float, repeats: int) -> dict:
+  fm, p, images, labels, idx, mask, keys, class_mask = _round(shape)
+  c, s = shape['clients'], shape['steps']
+  n = idx.size
+  pre = _pre
   spec = client.LocalSpec(('b',), 1e-3, 1e-3)
   train_one = functools.partial(client.local_train, fm, spec, pre)
   args = (p.frozen, p.a, p.b, p.head, images, labels)
@@ -97,6 +119,52 @@ def bench_shape(name: str, shape: dict, peak: float, repeats: int) -> dict:
   return out
 
 
+def vmap_breakdown(name: str, shape: dict, repeats: int) -> dict[str, float]:
+  """Seconds of one round of `shape` four ways, to locate vmap's overhead on CPU.
+
+  vmap with per-client a/b/head (what the loop runs), vmap with the server's
+  a/b/head shared by all clients (per-client data, optimizer state and
+  gradients still), one client holding all C x 16 images per step (same
+  FLOPs, no client axis), and the Python loop of single clients.
+  """
+  fm, p, images, labels, idx, mask, keys, class_mask = _round(shape)
+  c, s = shape['clients'], shape['steps']
+  n = idx.size
+  pre = _pre
+  train_one = functools.partial(client.local_train, fm, client.LocalSpec(('b',), 1e-3, 1e-3), pre)
+  stack = lambda t: jax.tree.map(lambda x: jnp.broadcast_to(x, (c,) + x.shape), t)
+  per_client = jax.jit(lambda a, b, h, i, m, k: jax.vmap(
+      train_one, in_axes=(None, 0, 0, 0, None, None, 0, 0, 0, None))(
+          p.frozen, a, b, h, images, labels, i, m, k, class_mask))
+  shared = jax.jit(lambda i, m, k: jax.vmap(train_one, in_axes=(None,) * 6 + (0, 0, 0, None))(
+      p.frozen, p.a, p.b, p.head, images, labels, i, m, k, class_mask))
+  single = jax.jit(lambda i, m, k: train_one(p.frozen, p.a, p.b, p.head, images, labels, i, m,
+                                             k, class_mask))
+  flat_idx = jnp.transpose(idx, (1, 0, 2)).reshape(s, c * BATCH)
+  t = {'vmap, per-client parameters': bc.time_fn(
+           per_client, stack(p.a), stack(p.b), stack(p.head), idx, mask, keys, repeats=repeats),
+       'vmap, parameters shared by all clients': bc.time_fn(shared, idx, mask, keys,
+                                                            repeats=repeats),
+       f'one client, {c} x {BATCH} images per step': bc.time_fn(
+           single, flat_idx, jnp.ones((s, c * BATCH)), keys[0], repeats=repeats),
+       'python loop of single clients': bc.time_fn(
+           lambda i, m, k: [single(i[j], m[j], k[j]) for j in range(c)], idx, mask, keys,
+           repeats=repeats)}
+  return {'name': name, 'images': n, **t}
+
+
+def render_breakdown(rows, machine, cmd) -> str:
+  lines = [f'Command: `{cmd}`  ', f'Machine: {machine}  ',
+           'One round, median after a warm-up; the same images and steps in every row.', '',
+           '| shape | variant | seconds | img/s | / python loop |', '|---|---|---|---|---|']
+  for r in rows:
+    loop = r['python loop of single clients']
+    for k, v in r.items():
+      if k not in ('name', 'images'):
+        lines.append(f"| {r['name']} | {k} | {v:.2f} | {r['images'] / v:.1f} | {v / loop:.2f}x |")
+  return '\n'.join(lines)
+
+
 def render(rows, peak, machine, cmd) -> str:
   lines = [f'Command: `{cmd}`  ', f'Machine: {machine}  ',
            f'Measured matmul peak (2048^3 float32, jitted): **{peak:.0f} GFLOP/s**. '
@@ -119,8 +187,19 @@ def main(argv=None):
   parser.add_argument('--quick', action='store_true', help='ViT-S/14 only')
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--no-write', action='store_true')
+  parser.add_argument('--vmap-breakdown', action='store_true',
+                      help='only: where vmapped training loses time against the loop')
   args = parser.parse_args(argv)
   machine = bc.machine_description()
+  if args.vmap_breakdown:
+    rows = [vmap_breakdown(name, shape, args.repeats) for name, shape in SHAPES.items()
+            if not (args.quick and 'ViT-B' in name)]
+    cmd = 'python -m experiments.bench_train --vmap-breakdown' + (' --quick' if args.quick else '')
+    text = render_breakdown(rows, machine, cmd)
+    print(text)
+    if not args.no_write:
+      bc.write_section('Training throughput: vmap against the loop', text)
+    return
   peak = bc.measure_matmul_gflops()
   rows = []
   for name, shape in SHAPES.items():

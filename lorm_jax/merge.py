@@ -23,13 +23,13 @@ With alpha = 0 (or diagonal Grams) the in x in system is diagonal: no (in, in)
 matrix is built and the A-merge is a per-input-row weighted average.
 
 Whole-model versions (`*_tree`) take pytrees of per-layer arrays and are one
-jitted call each. Layers are batched by shape at trace time: layers with
-diagonal Grams are stacked and the single-layer build is vmapped; layers
-with full Grams are reduced over clients one by one (large GEMMs already,
-and stacking their raw Grams would copy gigabytes) and their systems are
-stacked. Each group of same-shape systems is cut into one chunk per core
-and each chunk solved in one loop of Cholesky solves (lax.map; see
-`_per_system` for why not vmap). The eigendecomposition fallback is a
+jitted call each. Every layer's system is built on its own (its client
+reductions are GEMMs or fused elementwise sums; stacking the inputs would
+only copy them); diagonal systems are solved in place, elementwise, and full
+systems ((in, in), or the B-round's (r, r)) are stacked by shape. Each group
+of same-shape systems is cut into one chunk per core and each chunk solved
+in one loop of Cholesky solves (lax.map; see `_per_system` for why not
+vmap). The eigendecomposition fallback is a
 lax.cond per chunk, so it costs nothing unless a system of that chunk fails
 (under a user's vmap it turns into a select and is always computed).
 
@@ -282,44 +282,35 @@ def _b_system(b: jax.Array, a: jax.Array, grams: jax.Array, w: jax.Array,
   return _build_dropping_absent(build, grams, w)
 
 
-def _solve_stacked(m: jax.Array, rhs: jax.Array,
-                   ridge: jax.Array) -> tuple[jax.Array, MergeInfo]:
-  """m (L, n, n) or diagonal (L, n), rhs (L, n, k)."""
-  if m.ndim == 2:
-    return _solve_diag_stacked(m, rhs, ridge)
-  return _solve_full_stacked(m, rhs, ridge)
-
-
 def _merge_leaves(build: Callable[..., tuple[jax.Array, jax.Array]],
                   leaf_args: Sequence[tuple[jax.Array, ...]],
-                  full_gram: Sequence[bool],
                   ridge: jax.Array) -> tuple[list[jax.Array], MergeInfo]:
-  """Builds and solves every layer's system, batched by shape.
+  """Builds every layer's system, then solves them batched by shape.
 
-  build(*args) -> (system matrix, rhs) for one layer. Layers with diagonal
-  Grams have small inputs: they are grouped by input shapes, stacked, and
-  build is vmapped over the stack. Layers with full Grams are reduced over
-  clients one by one (each is already a large GEMM; stacking their inputs
-  would copy L x C x in^2 floats, 4.5 GB for the 12 fc2 layers of a ViT-B
-  with 10 clients); their (in, in) systems are then grouped by shape and
-  stacked. Each group is cut into one chunk per CPU core, and each chunk is
-  solved in one loop of Cholesky solves (`_solve_stacked`): the chunks are
-  independent, so XLA runs them on different threads.
+  build(*args) -> (system, rhs) for one layer; every layer is built on its
+  own inside the one jitted call. (Stacking the layers' inputs and vmapping
+  build copied them and turned the per-layer products into batched dots:
+  measured 2-8x slower on XLA:CPU for the 48 layers of a ViT-B.) Diagonal
+  systems (in,) are solved where they are built, elementwise. Full systems,
+  (in, in) or the B-round's (r, r), are grouped by shape and stacked; each
+  group is cut into one chunk per CPU core, and each chunk is solved in one
+  loop of Cholesky solves (`_solve_full_stacked`): the chunks are
+  independent, so XLA can run them on different threads.
   """
-  groups: dict[Hashable, list[int]] = collections.defaultdict(list)
-  systems: dict[int, tuple[jax.Array, jax.Array]] = {}
-  for i, args in enumerate(leaf_args):
-    if full_gram[i]:
-      systems[i] = build(*args)
-      groups[('system',) + tuple(x.shape for x in systems[i])].append(i)
-    else:
-      groups[('inputs',) + tuple(x.shape for x in args)].append(i)
+  systems = [build(*args) for args in leaf_args]
   out: list[Any] = [None] * len(leaf_args)
   info = _zero_info()
-  for key, group in groups.items():
+  groups: dict[Hashable, list[int]] = collections.defaultdict(list)
+  for i, (m, rhs) in enumerate(systems):
+    if m.ndim == 1:
+      x, leaf_info = _solve_diag_stacked(m[None], rhs[None], ridge)
+      out[i], info = x[0], info + leaf_info
+    else:
+      groups[(m.shape, rhs.shape)].append(i)
+  for group in groups.values():
     for idx in _chunks(group, _THREADS):
-      x, chunk_info = _solve_chunk(build, key[0] == 'system', idx, systems,
-                                   leaf_args, ridge)
+      x, chunk_info = _solve_full_stacked(jnp.stack([systems[i][0] for i in idx]),
+                                          jnp.stack([systems[i][1] for i in idx]), ridge)
       info = info + chunk_info
       for j, i in enumerate(idx):
         out[i] = x[j]
@@ -330,23 +321,6 @@ def _chunks(idx: list[int], parts: int) -> list[list[int]]:
   """Splits idx into at most `parts` contiguous, nearly equal chunks."""
   size = -(-len(idx) // max(1, min(parts, len(idx))))
   return [idx[i:i + size] for i in range(0, len(idx), size)]
-
-
-def _solve_chunk(build: Callable[..., tuple[jax.Array, jax.Array]],
-                 built: bool, idx: list[int],
-                 systems: dict[int, tuple[jax.Array, jax.Array]],
-                 leaf_args: Sequence[tuple[jax.Array, ...]],
-                 ridge: jax.Array) -> tuple[jax.Array, MergeInfo]:
-  """Stacks the layers idx (built systems, or raw inputs then vmapped build)
-  and solves them: x (len(idx), n, k), info."""
-  if built:
-    m = jnp.stack([systems[i][0] for i in idx])
-    rhs = jnp.stack([systems[i][1] for i in idx])
-  else:
-    stacks = [jnp.stack([leaf_args[i][j] for i in idx])
-              for j in range(len(leaf_args[idx[0]]))]
-    m, rhs = jax.vmap(build)(*stacks)
-  return _solve_stacked(m, rhs, ridge)
 
 
 def _check_factor(x: jax.Array, name: str) -> jax.Array:
@@ -384,8 +358,7 @@ def _regmean_impl(kernels_tree: PyTree, grams_tree: PyTree, w: jax.Array,
     _check_grams(g, k.shape[0], k.shape[1])
   grams = [_prepare_grams(g, 3, alpha) for g in grams]
   out, info = _merge_leaves(
-      lambda k, g: _regmean_system(k, g, w, alpha), list(zip(leaves, grams)),
-      [g.ndim == 3 for g in grams], ridge)
+      lambda k, g: _regmean_system(k, g, w, alpha), list(zip(leaves, grams)), ridge)
   return treedef.unflatten(out), info
 
 
@@ -404,7 +377,7 @@ def _merge_b_impl(b_tree: PyTree, a_tree: PyTree, grams_tree: PyTree,
   grams = [_prepare_grams(g, 3, alpha) for g in grams]
   out, info = _merge_leaves(
       lambda b, a, g: _b_system(b, a, g, w, alpha),
-      list(zip(leaves, a_leaves, grams)), [g.ndim == 3 for g in grams], ridge)
+      list(zip(leaves, a_leaves, grams)), ridge)
   return treedef.unflatten(out), info
 
 
@@ -417,9 +390,7 @@ def _solve_psd_impl(gram_tree: PyTree, rhs_tree: PyTree,
   for g, r in zip(grams, mats):
     if g.shape not in ((r.shape[0], r.shape[0]), (r.shape[0],)):
       raise ValueError(f'gram {g.shape} does not match rhs {r.shape}')
-  # The system is given: nothing to build, so every leaf stacks directly.
-  out, info = _merge_leaves(lambda g, r: (g, r), list(zip(grams, mats)),
-                            [False] * len(grams), ridge)
+  out, info = _merge_leaves(lambda g, r: (g, r), list(zip(grams, mats)), ridge)
   out = [x[:, 0] if v else x for x, v in zip(out, vec)]
   return treedef.unflatten(out), info
 
