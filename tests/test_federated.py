@@ -111,6 +111,18 @@ def test_sequential_client_mode_matches_vmap(smoke_run, tmp_path):
                              np.array(full['accuracy_matrix'], float), atol=1e-6, equal_nan=True)
 
 
+def test_client_chunks_do_not_change_results(smoke_run, tmp_path):
+  """3 clients in chunks of 2 (the second padded with an empty client) = all 3 at once."""
+  workdir, full = smoke_run
+  chunked = simulate.run(smoke_config(clients_per_chunk=2), str(tmp_path / 'c'), progress=False)
+  np.testing.assert_allclose(np.array(chunked['accuracy_matrix'], float),
+                             np.array(full['accuracy_matrix'], float), atol=1e-6, equal_nan=True)
+  loss = lambda d: [r['train_loss'] for r in map(json.loads, open(os.path.join(d, 'metrics.jsonl')))
+                    if r['kind'] == 'round']
+  np.testing.assert_allclose(loss(str(tmp_path / 'c')), loss(workdir), rtol=1e-5)
+  assert chunked['comm_bytes_total'] == full['comm_bytes_total']
+
+
 def test_fedavg_runs_on_the_same_loop(tmp_path):
   """FedAvg of the LoRA factors; the evaluated model is W0 + the mean task delta."""
   res = simulate.run(smoke_config(method='fedavg'), str(tmp_path), progress=False)
