@@ -69,7 +69,8 @@ def run_point(config: str, overrides: dict, rounds: int, extra_flags=()) -> dict
   med = lambda k: statistics.median(x[k] for x in timed)
   return dict(round=med('seconds_round'), train=med('seconds_train'), gram=med('seconds_gram'),
               merge=med('seconds_merge'), wall=wall, rows=rows,
-              rss_gib=usage.ru_maxrss / 2**20)  # ru_maxrss is in KiB on Linux
+              rss_gib=usage.ru_maxrss / 2**20,  # ru_maxrss is in KiB on Linux
+              device_gib=max((x.get('device_peak_mib', 0.0) for x in rows), default=0.0) / 1024)
 
 
 def point_overrides(sweep: dict, clients: int, rank: int | None) -> dict:
@@ -114,6 +115,7 @@ def whole_run(config: str) -> str:
 
 
 def render(points: list[dict], machine: str) -> str:
+  device = any(p.get('device_gib') for p in points)  # GPUs and TPUs report it, CPUs do not
   lines = ['Command: `python -m experiments.bench_round`  ', f'Machine: {machine}  ',
            'Each row is one `experiments.run --max_rounds=R` process (LoRM; R = 4 for the '
            'default, 3 for ViT-B); times are medians of the rounds after the two compiling '
@@ -122,12 +124,14 @@ def render(points: list[dict], machine: str) -> str:
            'each: default 40 (Fashion-MNIST, ViT-S/14 @ 56 px, rank 2, 1 epoch), '
            'ViT-B/16 16 (synthetic 224 px, float32, 1 epoch, clients vmapped 2 at a time).',
            '', '| config | clients | rank | round (s) | train (s) | Gram (s) | merge (ms) | '
-           'round / client (s) | peak RSS (GiB) |', '|---|---|---|---|---|---|---|---|---|']
+           'round / client (s) | peak RSS (GiB) |' + (' device peak (GiB) |' if device else ''),
+           '|---|---|---|---|---|---|---|---|---|' + ('---|' if device else '')]
   for p in points:
     rank = p['rank'] if p['rank'] is not None else 'config'
     lines.append(f"| {p['sweep']} | {p['clients']} | {rank} | {p['round']:.2f} | "
                  f"{p['train']:.2f} | {p['gram']:.2f} | {1e3 * p['merge']:.0f} | "
-                 f"{p['round'] / p['clients']:.2f} | {p['rss_gib']:.2f} |")
+                 f"{p['round'] / p['clients']:.2f} | {p['rss_gib']:.2f} |" +
+                 (f" {p.get('device_gib', 0.0):.2f} |" if device else ''))
   return '\n'.join(lines)
 
 

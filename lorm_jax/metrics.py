@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 from typing import Any
 
+import jax
 import numpy as np
 
 
@@ -69,3 +71,15 @@ class MetricsLog:
       return []
     with open(self.path) as f:
       return [json.loads(line) for line in f if line.strip()]
+
+
+def memory_record() -> dict[str, float]:
+  """Peak memory so far: the process's resident set (MiB) and, on devices that
+  report it (GPUs, TPUs), the largest peak of bytes in use on one device (MiB)."""
+  out = {'peak_rss_mib': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+  stats = [d.memory_stats() or {} for d in jax.local_devices()]
+  peaks = [s['peak_bytes_in_use'] for s in stats if 'peak_bytes_in_use' in s]
+  if peaks:
+    out['device_peak_mib'] = round(max(peaks) / 2**20, 1)
+  return out
+

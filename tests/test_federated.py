@@ -78,6 +78,9 @@ def test_results_json_shapes_and_ranges(smoke_run):
   rounds = [l for l in lines if l['kind'] == 'round']
   assert len(rounds) == 2 * 2 and [r['factors'] for r in rounds] == ['b', 'a', 'b', 'a']
   assert all(np.isfinite(r['train_loss']) for r in rounds)
+  # Peak memory so far: never decreasing, and at least the model's size.
+  rss = [r['peak_rss_mib'] for r in rounds]
+  assert rss == sorted(rss) and rss[0] > 50
   assert len([l for l in lines if l['kind'] == 'eval']) == 2
 
 

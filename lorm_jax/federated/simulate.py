@@ -327,7 +327,7 @@ def run(config: ConfigDict, workdir: str, *, max_rounds: int | None = None,
                 'merge_fallbacks': fallbacks, 'seconds_train': round(t_train, 3),
                 'seconds_gram': round(t_gram, 3), 'seconds_stats': round(t_stats, 3),
                 'seconds_merge': round(t_merge, 4),
-                'seconds_round': round(time.time() - t0, 3)}
+                'seconds_round': round(time.time() - t0, 3), **metrics.memory_record()}
       log.write(record)
       bar.set_postfix(task=t, steps=int(jnp.sum(stats['steps'])),
                       loss=f"{record['train_loss']:.3f}", acc=f"{record['train_accuracy']:.3f}")
