@@ -50,6 +50,15 @@ CLIENTS = 10
 BACKBONE_ALPHAS = (0.0, 0.5)
 RANKS = (1, 16, 32)
 
+def measure_cholesky_gflops(n: int = 3072, repeats: int = 3) -> float:
+  """GFLOP/s (n^3 / 3 flops) of one jitted float32 Cholesky factorisation of an
+  (n, n) SPD matrix: the LAPACK potrf call every full-Gram solve makes."""
+  x = jax.random.normal(jax.random.PRNGKey(2), (n + 256, n), jnp.float32)
+  m = x.T @ x / (n + 256) + jnp.eye(n)
+  chol = jax.jit(lambda a: jnp.linalg.cholesky(a))
+  return n ** 3 / 3 / bench_common.time_fn(chol, m, repeats=repeats) / 1e9
+
+
 # ----------------------------------------------------------------- inputs
 
 
@@ -255,8 +264,9 @@ def main(argv: list[str] | None = None) -> None:
   machine = bench_common.machine_description()
   gflops = bench_common.measure_matmul_gflops()
   bandwidth = bench_common.measure_bandwidth_gbs()
-  print(f'{machine}\nmatmul {gflops:.1f} GFLOP/s, bandwidth {bandwidth:.1f} GB/s',
-        flush=True)
+  chol = measure_cholesky_gflops()
+  print(f'{machine}\nmatmul {gflops:.1f} GFLOP/s, bandwidth {bandwidth:.1f} GB/s, '
+        f'Cholesky 3072 {chol:.1f} GFLOP/s', flush=True)
 
   grams = make_grams(CLIENTS)
   np_grams = {n: np.asarray(g) for n, g in grams.items()}
@@ -313,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
             f'(per-kind estimate {est:.1f} s)', flush=True)
     del dev, host
 
-  body = render(rows, checks, machine, gflops, bandwidth, t_head, args, argv,
+  body = render(rows, checks, machine, gflops, bandwidth, chol, t_head, args, argv,
                 time.time() - start)
   print(body)
   if not args.no_write:
@@ -321,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def render(rows: list[dict], checks: list, machine: str, gflops: float,
-           bandwidth: float, t_head: float, args: argparse.Namespace,
+           bandwidth: float, chol: float, t_head: float, args: argparse.Namespace,
            argv: list[str] | None, wall: float) -> str:
   """Markdown body of the '## Merge' section."""
   cmd = ' '.join(['python -m experiments.bench_merge']
@@ -333,7 +343,8 @@ def render(rows: list[dict], checks: list, machine: str, gflops: float,
       f'{os.getloadavg()[0]:.1f}  ',
       f'Measured at start: float32 matmul {gflops:.0f} GFLOP/s (2048^3, '
       'jitted; re-measured beside every row, column "matmul"), '
-      f'memory read bandwidth {bandwidth:.1f} GB/s (jitted sum of 1 GiB).',
+      f'memory read bandwidth {bandwidth:.1f} GB/s (jitted sum of 1 GiB), '
+      f'Cholesky factorisation {chol:.0f} GFLOP/s (one jitted 3072 x 3072 potrf).',
       '',
       'Whole-model server merge at ViT-B shapes, 10 clients: 48 LoRA layers '
       '(12 x qkv 768->2304, proj 768->768, fc1 768->3072, fc2 3072->768) in '
@@ -395,8 +406,14 @@ def render(rows: list[dict], checks: list, machine: str, gflops: float,
                f'needs, so memory bound: {rest / read:.1f}x the time to '
                f'read its inputs once ({read * 1e3:.1f} ms)')
         if rest > 1.5 * read:
-          why += ('; the rest is copies (stacking, masking, fresh outputs) '
-                  'and per-op overhead, not timed separately')
+          why += ('; the rest is copies (masking, fresh outputs) and per-op '
+                  'overhead, not timed separately')
+      elif x['kind'] == 'A' and x['alpha'] > 0:
+        chol_flops = BLOCKS * sum(n ** 3 / 3 for n, _ in LAYERS.values()) / 1e9
+        why = (f'{chol_flops:.0f} of its GFLOP are the Cholesky factorisations of '
+               f'the 48 (in, in) systems, which LAPACK runs at {chol:.0f} GFLOP/s '
+               f'(measured above), {chol / gflops:.2f} of the matmul rate: at that '
+               f'rate they alone take {chol_flops / chol * 1e3:.0f} ms')
       else:
         why = ('its flops are small per-client r x r products and narrow '
                'solves, which run far below the large-matmul rate')
