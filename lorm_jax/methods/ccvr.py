@@ -2,14 +2,15 @@
 
 Clients train one LoRA (a, b) and the head, carried across tasks, with plain
 cross-entropy on the current task's classes (as `ContinualLoRA`). After every
-round each client uploads, per class it holds more than one sample of, the
-count, mean and per-dimension variance of its final-norm class-token features
-(from its own trained model). The server (reference facts, section 6):
+round each client uploads, per class, the sample count and the sum and sum of
+squares of its final-norm class-token features (from its own trained model).
+The server (reference facts, section 6):
 
   1. averages a, b and the head by sample counts;
-  2. replaces the current task's classes in its mixture store with the new
-     statistics (one Gaussian component per client, weighted by its count;
-     earlier tasks' components are kept);
+  2. turns every (client, class) with more than one sample into a diagonal
+     Gaussian (mean, unbiased variance, weight = count) and replaces the
+     current task's classes in its mixture store with them (earlier tasks'
+     components are kept);
   3. re-trains the head on virtual features drawn from the mixtures of all
      seen classes: 5 epochs of (number of seen classes) steps of 256
      samples, labels uniform over the seen classes, SGD lr 0.01 momentum 0.9
