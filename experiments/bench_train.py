@@ -88,7 +88,7 @@ def bench_shape(name: str, shape: dict, peak: float, repeats: int) -> dict:
   n = idx.size
   pre = _pre
   spec = client.LocalSpec(('b',), 1e-3, 1e-3)
-  train_one = functools.partial(client.local_train, fm, spec, pre)
+  train_one = functools.partial(client.local_train, fm, client.linear_head_forward, spec, pre)
   args = (p.frozen, p.a, p.b, p.head, images, labels)
 
   vmapped = jax.jit(lambda i, m, k: jax.vmap(train_one, in_axes=(None,) * 6 + (0, 0, 0, None))(
@@ -107,9 +107,9 @@ def bench_shape(name: str, shape: dict, peak: float, repeats: int) -> dict:
   gram = jax.jit(lambda i, m, k: jax.vmap(
       functools.partial(client.gram_pass, fm, pre, 'diag', True),
       in_axes=(None,) * 5 + (0, 0, 0))(p.frozen, p.a, p.b, p.head, images, i, m, k))
-  fwd = jax.jit(lambda i: jax.vmap(functools.partial(client.predict, fm, pre),
-                                   in_axes=(None,) * 5 + (0,))(p.frozen, p.a, p.b, p.head,
-                                                                images, i))
+  fwd = jax.jit(lambda i: jax.vmap(
+      functools.partial(client.predict, fm, client.linear_head_forward, pre),
+      in_axes=(None,) * 6 + (0,))(p.frozen, p.a, p.b, p.head, {}, images, i))
   out['gram'] = bc.time_fn(gram, idx, mask, keys, repeats=repeats)
   out['forward'] = bc.time_fn(fwd, idx, repeats=repeats)
   best = min(out['vmap'], out['lax.map'], out['python loop'])
@@ -131,7 +131,8 @@ def vmap_breakdown(name: str, shape: dict, repeats: int) -> dict[str, float]:
   c, s = shape['clients'], shape['steps']
   n = idx.size
   pre = _pre
-  train_one = functools.partial(client.local_train, fm, client.LocalSpec(('b',), 1e-3, 1e-3), pre)
+  train_one = functools.partial(client.local_train, fm, client.linear_head_forward,
+                                client.LocalSpec(('b',), 1e-3, 1e-3), pre)
   stack = lambda t: jax.tree.map(lambda x: jnp.broadcast_to(x, (c,) + x.shape), t)
   per_client = jax.jit(lambda a, b, h, i, m, k: jax.vmap(
       train_one, in_axes=(None, 0, 0, 0, None, None, 0, 0, 0, None))(

@@ -178,9 +178,9 @@ def test_padded_steps_and_samples_do_not_change_a_client():
   idx_p, mask_p = batching.client_batch_plan(own, 4, 2, rng, num_steps=9)  # 3 padded steps
   assert idx.shape == (1, 6, 4) and idx_p.shape == (1, 9, 4)
   assert mask[0, 2].tolist() == [1, 1, 1, 0]  # the partial last batch of an epoch
-  run = lambda i, m: client.local_train(fm, spec, pre, p.frozen, a, b, head, images, labels,
-                                        jnp.asarray(i[0]), jnp.asarray(m[0]),
-                                        jax.random.key(4), cm)
+  run = lambda i, m: client.local_train(fm, client.linear_head_forward, spec, pre, p.frozen,
+                                        a, b, head, images, labels, jnp.asarray(i[0]),
+                                        jnp.asarray(m[0]), jax.random.key(4), cm)
   a1, b1, h1, s1 = run(idx, mask)
   a2, b2, h2, s2 = run(idx_p, mask_p)
   for x, y in zip(jax.tree.leaves((a1, b1, h1)), jax.tree.leaves((a2, b2, h2))):

@@ -130,7 +130,7 @@ def tiny():
 
 def _batch(tiny, params, aux, cm=(True, True, False, False)):
   fm, frozen, _, x, y, w = tiny
-  forward = functools.partial(client._forward, fm, frozen)
+  forward = client.bind_forward(client.linear_head_forward, fm, frozen, {})
   logits, feats = forward(params['a'], params['b'], params['head'], x)
   return client.Batch(params, aux, x, y, w, logits, feats, jnp.array(cm), forward)
 
@@ -169,7 +169,8 @@ def test_diagonal_fisher_matches_a_per_sample_loop(tiny):
   want = jax.tree.map(jnp.zeros_like, theta)
   for n in range(x.shape[0] - 1):  # the padded sample adds nothing
     def logp(t):
-      logits, _ = client._forward(fm, frozen, t['a'], t['b'], t['head'], x[n:n + 1])
+      logits, _ = client.linear_head_forward(fm, frozen, t['a'], t['b'], t['head'], {},
+                                               x[n:n + 1])
       return jax.nn.log_softmax(jnp.where(batch.class_mask, logits[0], -1e9))[y[n]]
     lp, g = jax.value_and_grad(logp)(theta)
     want = jax.tree.map(lambda acc, gi: acc + jnp.exp(lp) * gi ** 2, want, g)

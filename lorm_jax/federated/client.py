@@ -5,12 +5,14 @@ over a leading client axis. Data never leaves the device: the whole uint8
 training set is an input, a client's batches are index arrays (S, B) plus a
 0/1 mask (S, B), and augmentation runs inside the step.
 
-Parameters are the flat dicts of `lorm_jax.models.functional`.
+Parameters are the flat dicts of `lorm_jax.models.functional`. How a model
+turns images into logits is a method's `ForwardFn` (default
+`linear_head_forward`); its extra inputs `ctx` (e.g. which prompt components
+are live) are the same in training, statistics passes and prediction.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -20,6 +22,17 @@ import optax
 from lorm_jax.models.functional import Flat, FunctionalViT
 
 Preprocess = Callable[[jax.Array, jax.Array], jax.Array]  # (key, uint8 (B,H,W,C)) -> f32
+# (model, frozen, a, b, head, ctx, images (B,H,W,C)) -> (logits (B,K), features (B,D))
+ForwardFn = Callable[[FunctionalViT, Flat, Flat, Flat, Flat, Any, jax.Array],
+                     tuple[jax.Array, jax.Array]]
+
+
+def linear_head_forward(model: FunctionalViT, frozen: Flat, a: Flat, b: Flat, head: Flat,
+                        ctx: Any, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """W0 + a @ b, final-norm class token, linear head: x (B, H, W, C) ->
+  (logits (B, K), features (B, D)). ctx is unused."""
+  feats, _, _ = model.apply(frozen, a, b, head, x, features_only=True)
+  return feats @ head['kernel'] + head['bias'], feats
 
 
 class Batch(NamedTuple):
@@ -32,7 +45,9 @@ class Batch(NamedTuple):
   logits: jax.Array      # (B, K) with params
   feats: jax.Array       # (B, D) final-norm class-token features with params
   class_mask: jax.Array  # (K,) bool: the current task's classes
-  forward: Callable      # (a, b, head, x) -> (logits, feats), the client's backbone
+  forward: Callable      # (a, b, head, x) -> (logits, feats): the method's forward
+                         # on the client's backbone (frozen and ctx bound)
+  ctx: Any = None        # Method.forward_ctx(server, task), what `forward` reads
 
 
 # A method's extra local loss (a scalar added to the masked cross-entropy), and
@@ -46,9 +61,13 @@ class LocalSpec:
   """What a client trains in one round (static under jit).
 
   factors: the LoRA factors trained this round, a subset of ('a', 'b'); the
-  others stay at the server's value. A fresh AdamW per round, as the reference.
+  others stay at the server's value. A fresh optimizer per round, as the
+  reference: 'adamw' (decoupled weight decay) or 'adam' (no decay; a method
+  that wants torch Adam's coupled L2 puts it in its loss term).
   loss_term: an optional extra loss (a module-level function, so the spec
   stays hashable) added to the cross-entropy; its data is `aux`.
+  cross_entropy: False drops the current-task cross-entropy from the loss
+  (a loss term then supplies the whole objective).
   """
   factors: tuple[str, ...]
   lr_lora: float
@@ -56,15 +75,21 @@ class LocalSpec:
   weight_decay: float = 0.0
   train_head: bool = True
   loss_term: LossTerm | None = None
+  optimizer: str = 'adamw'
+  cross_entropy: bool = True
 
 
 def make_optimizer(spec: LocalSpec) -> optax.GradientTransformation:
-  """AdamW (default betas) with one learning rate for LoRA and one for the head."""
+  """AdamW or Adam (default betas), one learning rate for LoRA and one for the head."""
   def labels(params):
     return {k: jax.tree.map(lambda _: k if k == 'head' else 'lora', v) for k, v in params.items()}
-  return optax.multi_transform(
-      {'lora': optax.adamw(spec.lr_lora, weight_decay=spec.weight_decay),
-       'head': optax.adamw(spec.lr_head, weight_decay=spec.weight_decay)}, labels)
+  if spec.optimizer == 'adamw':
+    make = lambda lr: optax.adamw(lr, weight_decay=spec.weight_decay)
+  elif spec.optimizer == 'adam':
+    make = optax.adam
+  else:
+    raise ValueError(f'unknown optimizer {spec.optimizer!r}; expected adamw or adam')
+  return optax.multi_transform({'lora': make(spec.lr_lora), 'head': make(spec.lr_head)}, labels)
 
 
 def split_trainable(spec: LocalSpec, a: Flat, b: Flat, head: Flat) -> tuple[dict, dict]:
@@ -89,10 +114,10 @@ def masked_cross_entropy(logits: jax.Array, labels: jax.Array, class_mask: jax.A
   return jnp.sum(nll * weights) / denom, correct
 
 
-def local_train(model: FunctionalViT, spec: LocalSpec, preprocess: Preprocess,
-                frozen: Flat, a: Flat, b: Flat, head: Flat,
+def local_train(model: FunctionalViT, forward_fn: ForwardFn, spec: LocalSpec,
+                preprocess: Preprocess, frozen: Flat, a: Flat, b: Flat, head: Flat,
                 images: jax.Array, labels: jax.Array, idx: jax.Array, mask: jax.Array,
-                key: jax.Array, class_mask: jax.Array, aux: Any = None,
+                key: jax.Array, class_mask: jax.Array, aux: Any = None, ctx: Any = None,
                 ) -> tuple[Flat, Flat, Flat, dict]:
   """One client's local training: scan over S steps of batch B.
 
@@ -104,16 +129,16 @@ def local_train(model: FunctionalViT, spec: LocalSpec, preprocess: Preprocess,
   """
   trainable, fixed = split_trainable(spec, a, b, head)
   opt = make_optimizer(spec)
-  forward = functools.partial(_forward, model, frozen)
+  forward = bind_forward(forward_fn, model, frozen, ctx)
 
   def loss_fn(trainable, x, y, w):
     p = {**fixed, **trainable}
-    if spec.loss_term is None:
-      logits, _, _ = model.apply(frozen, p['a'], p['b'], p['head'], x)
-      return masked_cross_entropy(logits, y, class_mask, w)
     logits, feats = forward(p['a'], p['b'], p['head'], x)
     loss, correct = masked_cross_entropy(logits, y, class_mask, w)
-    batch = Batch(p, aux, x, y, w, logits, feats, class_mask, forward)
+    loss = loss if spec.cross_entropy else jnp.float32(0)
+    if spec.loss_term is None:
+      return loss, correct
+    batch = Batch(p, aux, x, y, w, logits, feats, class_mask, forward, ctx)
     return loss + spec.loss_term(batch), correct
 
   def step(carry, inputs):
@@ -144,26 +169,26 @@ def local_train(model: FunctionalViT, spec: LocalSpec, preprocess: Preprocess,
   return p['a'], p['b'], p['head'], stats
 
 
-def _forward(model: FunctionalViT, frozen: Flat, a: Flat, b: Flat, head: Flat,
-             x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """x (B, H, W, C) -> (logits (B, K), features (B, D)); the head is linear."""
-  feats, _, _ = model.apply(frozen, a, b, head, x, features_only=True)
-  return feats @ head['kernel'] + head['bias'], feats
+def bind_forward(forward_fn: ForwardFn, model: FunctionalViT, frozen: Flat, ctx: Any
+                 ) -> Callable[[Flat, Flat, Flat, jax.Array], tuple[jax.Array, jax.Array]]:
+  """(a, b, head, x) -> (logits, features) on one backbone and ctx."""
+  return lambda a, b, head, x: forward_fn(model, frozen, a, b, head, ctx, x)
 
 
-def stats_pass(model: FunctionalViT, preprocess: Preprocess, stat_fn: StatFn, frozen: Flat,
-               a: Flat, b: Flat, head: Flat, aux: Any, images: jax.Array, labels: jax.Array,
-               idx: jax.Array, mask: jax.Array, key: jax.Array, class_mask: jax.Array) -> Any:
+def stats_pass(model: FunctionalViT, forward_fn: ForwardFn, preprocess: Preprocess,
+               stat_fn: StatFn, frozen: Flat, a: Flat, b: Flat, head: Flat, aux: Any, ctx: Any,
+               images: jax.Array, labels: jax.Array, idx: jax.Array, mask: jax.Array,
+               key: jax.Array, class_mask: jax.Array) -> Any:
   """Sums stat_fn(Batch) over a client's batches idx/mask (S, B); padded
   samples have weight 0 and all-padding steps are skipped. Returns the summed pytree."""
-  forward = functools.partial(_forward, model, frozen)
+  forward = bind_forward(forward_fn, model, frozen, ctx)
   params = {'a': a, 'b': b, 'head': head}
 
   def one(s, batch_idx, w):
     x = preprocess(jax.random.fold_in(key, s), images[batch_idx])
     logits, feats = forward(a, b, head, x)
     return stat_fn(Batch(params, aux, x, labels[batch_idx], w, logits, feats, class_mask,
-                         forward))
+                         forward, ctx))
 
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                        jax.eval_shape(one, 0, idx[0], mask[0]))
@@ -211,13 +236,15 @@ def gram_pass(model: FunctionalViT, preprocess: Preprocess, gram_mode: str | Non
   return acc, hacc
 
 
-def predict(model: FunctionalViT, preprocess: Preprocess, frozen: Flat, a: Flat, b: Flat,
-            head: Flat, images: jax.Array, idx: jax.Array) -> jax.Array:
+def predict(model: FunctionalViT, forward_fn: ForwardFn, preprocess: Preprocess, frozen: Flat,
+            a: Flat, b: Flat, head: Flat, ctx: Any, images: jax.Array, idx: jax.Array
+            ) -> jax.Array:
   """Logits (S, B, K) for the samples idx (S, B) of `images`; deterministic preprocessing."""
   key = jax.random.key(0)  # test-time preprocessing draws no randomness
+  forward = bind_forward(forward_fn, model, frozen, ctx)
 
   def step(_, batch_idx):
-    logits, _, _ = model.apply(frozen, a, b, head, preprocess(key, images[batch_idx]))
+    logits, _ = forward(a, b, head, preprocess(key, images[batch_idx]))
     return None, logits
 
   return jax.lax.scan(step, None, idx)[1]

@@ -52,6 +52,7 @@ class ClientRunner:
     chunk = max(1, min(clients_per_chunk, num_clients))
     self.chunk = num_clients if sequential else -(-chunk // n_dev) * n_dev
     model, pre_train, pre_test = exp.model, exp.preprocess_train, exp.preprocess_test
+    forward = exp.method.forward
 
     def over_clients(fn, in_axes, *args):
       """vmap over the client axis, or (sequential) lax.map, which really skips
@@ -65,16 +66,17 @@ class ClientRunner:
       return jax.lax.map(one, per_client)
 
     @functools.partial(jax.jit, static_argnames=('spec',))
-    def train(spec, frozen, a, b, head, images, labels, idx, mask, keys, class_mask, aux):
-      fn = functools.partial(client.local_train, model, spec, pre_train)
-      return over_clients(fn, (None,) * 6 + (0, 0, 0, None, None),
-                          frozen, a, b, head, images, labels, idx, mask, keys, class_mask, aux)
+    def train(spec, frozen, a, b, head, images, labels, idx, mask, keys, class_mask, aux, ctx):
+      fn = functools.partial(client.local_train, model, forward, spec, pre_train)
+      return over_clients(fn, (None,) * 6 + (0, 0, 0, None, None, None), frozen, a, b, head,
+                          images, labels, idx, mask, keys, class_mask, aux, ctx)
 
     @functools.partial(jax.jit, static_argnames=('stat_fn',))
-    def stats(stat_fn, frozen, a, b, head, aux, images, labels, idx, mask, keys, class_mask):
-      fn = functools.partial(client.stats_pass, model, pre_train, stat_fn)
-      return over_clients(fn, (None, 0, 0, 0, None, None, None, 0, 0, 0, None),
-                          frozen, a, b, head, aux, images, labels, idx, mask, keys, class_mask)
+    def stats(stat_fn, frozen, a, b, head, aux, ctx, images, labels, idx, mask, keys,
+              class_mask):
+      fn = functools.partial(client.stats_pass, model, forward, pre_train, stat_fn)
+      return over_clients(fn, (None, 0, 0, 0, None, None, None, None, 0, 0, 0, None), frozen,
+                          a, b, head, aux, ctx, images, labels, idx, mask, keys, class_mask)
 
     @functools.partial(jax.jit, static_argnames=('gram_mode', 'head_gram', 'shared'))
     def grams(gram_mode, head_gram, shared, frozen, a, b, head, b_scale, images, idx, mask, keys):
@@ -85,7 +87,7 @@ class ClientRunner:
                           frozen, a, b, head, images, idx, mask, keys)
 
     self._train, self._grams, self._stats = train, grams, stats
-    self.predict = jax.jit(functools.partial(client.predict, model, pre_test))
+    self.predict = jax.jit(functools.partial(client.predict, model, forward, pre_test))
     self.add_deltas = jax.jit(F.add_kernel_deltas)
 
   def _shard(self, *arrays):
@@ -107,22 +109,23 @@ class ClientRunner:
   def _concat(parts):
     return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *parts)
 
-  def train(self, spec: client.LocalSpec, frozen, server, idx, mask, keys, class_mask, aux):
+  def train(self, spec: client.LocalSpec, frozen, server, idx, mask, keys, class_mask, aux,
+            ctx):
     parts = []
     for cidx, cmask, ckeys in self._chunks(idx, mask, keys):
       parts.append(self._train(spec, frozen, server['a'], server['b'], server['head'],
                                self.exp.train_images, self.exp.train_labels, cidx, cmask,
-                               ckeys, class_mask, aux))
+                               ckeys, class_mask, aux, ctx))
     return self._concat(parts)
 
-  def stats(self, stat_fn: client.StatFn, frozen, a, b, head, aux, idx, mask, keys,
+  def stats(self, stat_fn: client.StatFn, frozen, a, b, head, aux, ctx, idx, mask, keys,
             class_mask):
     """Per-client stat_fn sums with the clients' own a/b/head (leading axis C)."""
     parts = []
     for i, (cidx, cmask, ckeys) in enumerate(self._chunks(idx, mask, keys)):
       sl = slice(i * self.chunk, (i + 1) * self.chunk)
       ca, cb, ch = (jax.tree.map(lambda x: x[sl], t) for t in (a, b, head))
-      parts.append(self._stats(stat_fn, frozen, ca, cb, ch, aux, self.exp.train_images,
+      parts.append(self._stats(stat_fn, frozen, ca, cb, ch, aux, ctx, self.exp.train_images,
                                self.exp.train_labels, cidx, cmask, ckeys, class_mask))
     return self._concat(parts)
 
@@ -195,7 +198,8 @@ def evaluate(exp: Experiment, runner: ClientRunner, method: Method, server, task
   padded = np.zeros(-(-n // eval_batch) * eval_batch, np.int32)
   padded[:n] = test_idx
   # Fixed-size batches, one at a time: a single compilation serves every task.
-  logits = [runner.predict(frozen, a, b, server['head'], exp.test_images,
+  ctx = method.forward_ctx(server, task)
+  logits = [runner.predict(frozen, a, b, server['head'], ctx, exp.test_images,
                            jnp.asarray(padded[i:i + eval_batch])[None])
             for i in range(0, len(padded), eval_batch)]
   logits = np.concatenate([np.asarray(x).reshape(-1, x.shape[-1]) for x in logits])[:n]
@@ -272,10 +276,10 @@ def run(config: ConfigDict, workdir: str, *, max_rounds: int | None = None,
       keys = rng.client_keys(rng.key(c.seed, 'train', t, r), len(clients_t))
       deltas = method.train_deltas(server, t)
       frozen_train = runner.add_deltas(exp.params.frozen, deltas) if deltas else exp.params.frozen
-      aux = method.train_aux(server, t)
+      aux, ctx = method.train_aux(server, t), method.forward_ctx(server, t)
       a_c, b_c, head_c, stats = runner.train(spec, frozen_train, server, idx, mask, keys,
-                                             class_mask, aux)
-      jax.block_until_ready(a_c)
+                                             class_mask, aux, ctx)
+      jax.block_until_ready(head_c)
       t_train = time.time() - t0
 
       request = method.gram_request(t, r)
@@ -299,13 +303,13 @@ def run(config: ConfigDict, workdir: str, *, max_rounds: int | None = None,
             clients_t, c.batch_size, 1, lambda ci: rng.numpy_rng(c.seed, 'stats', t, r, ci),
             num_steps=fixed_steps(1))
         skeys = rng.client_keys(rng.key(c.seed, 'stats', t, r), len(clients_t))
-        client_stats = runner.stats(stat_fn, frozen_train, a_c, b_c, head_c, aux, sidx, smask,
-                                    skeys, class_mask)
+        client_stats = runner.stats(stat_fn, frozen_train, a_c, b_c, head_c, aux, ctx, sidx,
+                                    smask, skeys, class_mask)
       jax.block_until_ready(client_stats)
       t_stats = time.time() - t4
 
       t2 = time.time()
-      n_pad = jax.tree.leaves(a_c)[0].shape[0]
+      n_pad = jax.tree.leaves(head_c)[0].shape[0]
       weights = jnp.asarray(np.pad(num_samples, (0, n_pad - len(num_samples))))
       results = ClientResults(a_c, b_c, head_c, grams, head_grams, weights, client_stats)
       server, info = method.aggregate(server, results, t, r)
@@ -313,7 +317,7 @@ def run(config: ConfigDict, workdir: str, *, max_rounds: int | None = None,
       t_merge = time.time() - t2
 
       up, down = comm_bytes_per_client(server, spec, request, exp.model)
-      down += F.tree_size_bytes((deltas, aux))  # what clients need besides a, b, head
+      down += F.tree_size_bytes((deltas, aux, ctx))  # what clients need besides a, b, head
       up += F.tree_size_bytes(jax.tree.map(lambda x: x[0], client_stats))
       meta.comm_up += up * len(clients_t)
       meta.comm_down += down * len(clients_t)

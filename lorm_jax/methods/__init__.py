@@ -9,6 +9,8 @@ from lorm_jax.methods.continual import EWC, FedProto, FisherAvg, LwF
 from lorm_jax.methods.fedavg import FedAvg, FFALoRA
 from lorm_jax.methods.joint import Joint, JointFed
 from lorm_jax.methods.lorm import LoRM
+from lorm_jax.methods.pilora import PILoRA
+from lorm_jax.methods.prompts import L2P, CodaPrompt
 from lorm_jax.methods.regmean import RegMean
 
 METHODS: dict[str, type[Method]] = {
@@ -23,6 +25,9 @@ METHODS: dict[str, type[Method]] = {
     'fedproto': FedProto,
     'fisheravg': FisherAvg,
     'ccvr': CCVR,
+    'l2p': L2P,
+    'coda_p': CodaPrompt,
+    'pilora': PILoRA,
 }
 
 

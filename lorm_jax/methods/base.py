@@ -15,12 +15,20 @@ pytrees (fedjax style):
 
 Optional hooks with do-nothing defaults: train_deltas (a kernel delta under
 the local-training forward), train_aux (data for a LocalSpec.loss_term),
-stats_request (a per-client statistic pass after training, e.g. a Fisher).
-Clients download a, b, head, train_deltas and train_aux every round.
+stats_request (a per-client statistic pass after training, e.g. a Fisher),
+and `forward` with forward_ctx: how images become logits (default: W0 + a @ b,
+class token, linear head; prompt and prototype methods replace it) and the
+data it needs. Clients download a, b, head, train_deltas, train_aux and
+forward_ctx every round.
 
 The server state is a dict pytree {'a', 'b', 'head', 'extra'} of flat dicts
-(see `lorm_jax.models.functional`); 'extra' holds method accumulators and is
-checkpointed with the rest.
+(see `lorm_jax.models.functional`). 'head' holds the linear classifier
+{'kernel', 'bias'} and any other trained parameters outside the backbone's
+layers that a method adds under its own keys (prompt pools, prototypes): the
+loop trains, uploads and hands it to `aggregate` as one dict. a and b may
+hold fewer layers than the model adapts, or none (`F.full_lora` fills the
+rest with zeros). 'extra' holds method accumulators and is checkpointed with
+the rest.
 """
 from __future__ import annotations
 
@@ -32,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-from lorm_jax.federated.client import LocalSpec, StatFn
+from lorm_jax.federated.client import LocalSpec, StatFn, linear_head_forward
 from lorm_jax.models import functional as F
 
 Server = dict[str, Any]
@@ -59,6 +67,9 @@ class Method:
   """Base strategy: FedAvg-style defaults that subclasses override."""
   config: ConfigDict
   name: str = 'base'
+  # (model, frozen, a, b, head, ctx, x) -> (logits, feats); a module-level
+  # function (static under jit), the same for training, statistics and evaluation.
+  forward = staticmethod(linear_head_forward)
 
   # -- run structure ---------------------------------------------------------
   def task_structure(self, task_classes: list[np.ndarray], split: list[list[np.ndarray]]
@@ -115,6 +126,10 @@ class Method:
 
   def train_aux(self, server: Server, task: int) -> Any:
     """Pytree handed to LocalSpec.loss_term / the stats pass (shared by clients)."""
+    return {}
+
+  def forward_ctx(self, server: Server, task: int) -> Any:
+    """Pytree the method's `forward` reads (shared by clients; default none)."""
     return {}
 
   def eval_model(self, server: Server, task: int) -> tuple[F.Flat, F.Flat, F.Flat]:

@@ -77,16 +77,20 @@ class FunctionalViT:
 
   def apply(self, frozen: Flat, a: Flat, b: Flat, head: Flat, images: jax.Array, *,
             gram_mode: vit.GramMode = None, head_gram: bool = False,
-            sample_weights: jax.Array | None = None,
-            features_only: bool = False) -> tuple[jax.Array, Flat, jax.Array | None]:
+            sample_weights: jax.Array | None = None, features_only: bool = False,
+            prompting: vit.Prompting | None = None,
+            ) -> tuple[jax.Array, Flat, jax.Array | None]:
     """images (B, S, S, 3) -> (logits (B, K) or features (B, D), grams, head_gram).
 
     grams: {layer: (in,) if gram_mode == 'diag' else (in, in)}, empty when
-    gram_mode is None; head_gram: (D, D) or None.
+    gram_mode is None; head_gram: (D, D) or None. `prompting` (prompt tokens,
+    key/value prefixes) needs features_only.
     """
     model = self.module(frozen, a, b, head)
+    if prompting is not None and not features_only:
+      raise ValueError('prompting needs features_only=True (the head is the caller\'s)')
     if features_only:
-      out = model.features(images, gram_mode, sample_weights)
+      out = model.features(images, gram_mode, sample_weights, prompting)
     else:
       out = model(images, gram_mode, head_gram, sample_weights)
     layer_grams, hgram = {}, None
@@ -99,6 +103,15 @@ class FunctionalViT:
         else:
           layer_grams[_key(path[:-1])] = value
     return out, layer_grams, hgram
+
+
+def full_lora(model: FunctionalViT, a: Flat, b: Flat) -> tuple[Flat, Flat]:
+  """a, b completed to every adapted layer, with a zero b where a method keeps
+  no LoRA (prompt methods keep none, PILoRA one); the model needs them all."""
+  init = model.initial_params()
+  a = {k: a[k] if k in a else jnp.zeros_like(v) for k, v in init.a.items()}
+  b = {k: b[k] if k in b else jnp.zeros_like(v) for k, v in init.b.items()}
+  return a, b
 
 
 def kernel_key(layer: str) -> str:

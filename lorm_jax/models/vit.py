@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +45,25 @@ class HeadParam(nnx.Variable):
 
 class GramStat(nnx.Variable):
   """A Gram statistic sown by a layer during a Gram pass."""
+
+
+class Prompting(NamedTuple):
+  """Prompt inputs of one forward (prompt-based methods; all optional).
+
+  tokens     (B, P, D) prompt tokens inserted after the class token
+  token_pos  (P, D) position embeddings: [token_pos, pos_embed] is added to
+             [cls, tokens, patches], the reference L2P network's order (the
+             patches keep their own entries; the class token gets
+             token_pos[0])
+  prefixes   per block index, (key prefix (B, Lk, D), value prefix (B, Lv, D))
+             concatenated to that block's attention keys and values
+  pool       'cls': the class token's final-norm feature; 'cls_and_tokens':
+             the mean over the class token and the P prompt tokens
+  """
+  tokens: jax.Array | None = None
+  token_pos: jax.Array | None = None
+  prefixes: dict[int, tuple[jax.Array, jax.Array]] | None = None
+  pool: str = 'cls'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,11 +206,16 @@ class Attention(nnx.Module):
     self.qkv = LoRALinear(d, 3 * d, cfg.lora_rank, dtype=cfg.dtype, rngs=rngs)
     self.proj = LoRALinear(d, d, cfg.lora_rank, dtype=cfg.dtype, rngs=rngs)
 
-  def __call__(self, x, gram_mode=None, sample_weights=None):
+  def __call__(self, x, gram_mode=None, sample_weights=None, prefix=None):
+    """x (B, N, D); prefix: optional (key (B, Lk, D), value (B, Lv, D)) prepended
+    to the keys and values (prefix tuning), split into heads like them."""
     b, n, d = x.shape
     h = self.num_heads
     qkv = self.qkv(x, gram_mode, sample_weights).reshape(b, n, 3, h, d // h)
     q, k, v = (qkv[:, :, i].astype(jnp.dtype(self.dtype)) for i in range(3))
+    if prefix is not None:
+      pk, pv = (p.reshape(b, p.shape[1], h, d // h).astype(q.dtype) for p in prefix)
+      k, v = jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1)
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k,
                         preferred_element_type=jnp.float32) / math.sqrt(d // h)
     attn = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
@@ -224,8 +248,8 @@ class Block(nnx.Module):
     else:
       self.ls1 = self.ls2 = None
 
-  def __call__(self, x, gram_mode=None, sample_weights=None):
-    y = self.attn(self.norm1(x), gram_mode, sample_weights)
+  def __call__(self, x, gram_mode=None, sample_weights=None, prefix=None):
+    y = self.attn(self.norm1(x), gram_mode, sample_weights, prefix)
     x = x + (y * self.ls1[...] if self.ls1 is not None else y)
     y = self.mlp(self.norm2(x), gram_mode, sample_weights)
     return x + (y * self.ls2[...] if self.ls2 is not None else y)
@@ -264,8 +288,8 @@ class ViT(nnx.Module):
     self.norm = LayerNorm(d, cfg.ln_eps)
     self.head = Head(d, cfg.num_classes)
 
-  def embed(self, images: jax.Array) -> jax.Array:
-    """(B, H, W, 3) -> tokens (B, 1 + grid^2, D): patchify as a matmul."""
+  def embed(self, images: jax.Array, prompting: Prompting | None = None) -> jax.Array:
+    """(B, H, W, 3) -> tokens (B, 1 [+ P] + grid^2, D): patchify as a matmul."""
     cfg = self.cfg
     b, hgt, wid, c = images.shape
     if hgt != cfg.image_size or wid != cfg.image_size:
@@ -274,15 +298,23 @@ class ViT(nnx.Module):
     x = images.reshape(b, g, p, g, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, g * g, p * p * c)
     x = x @ self.patch_kernel[...].reshape(p * p * c, cfg.width) + self.patch_bias[...]
     cls = jnp.broadcast_to(self.cls_token[...], (b, 1, cfg.width))
-    return jnp.concatenate([cls, x], axis=1) + self.pos_embed[...]
+    if prompting is None or prompting.tokens is None:
+      return jnp.concatenate([cls, x], axis=1) + self.pos_embed[...]
+    pos = jnp.concatenate([prompting.token_pos[None], self.pos_embed[...]], axis=1)
+    return jnp.concatenate([cls, prompting.tokens.astype(x.dtype), x], axis=1) + pos
 
   def features(self, images: jax.Array, gram_mode: GramMode = None,
-               sample_weights: jax.Array | None = None) -> jax.Array:
-    """Final-norm class-token features (B, D)."""
-    x = self.embed(images)
-    for block in self.blocks:
-      x = block(x, gram_mode, sample_weights)
-    return self.norm(x)[:, 0]
+               sample_weights: jax.Array | None = None,
+               prompting: Prompting | None = None) -> jax.Array:
+    """Final-norm features (B, D): the class token's, or as `prompting.pool` says."""
+    x = self.embed(images, prompting)
+    prefixes = (prompting.prefixes or {}) if prompting is not None else {}
+    for i, block in enumerate(self.blocks):
+      x = block(x, gram_mode, sample_weights, prefixes.get(i))
+    x = self.norm(x)
+    if prompting is not None and prompting.pool == 'cls_and_tokens':
+      return jnp.mean(x[:, :1 + prompting.tokens.shape[1]], axis=1)
+    return x[:, 0]
 
   def __call__(self, images: jax.Array, gram_mode: GramMode = None,
                head_gram: bool = False, sample_weights: jax.Array | None = None) -> jax.Array:
