@@ -329,3 +329,27 @@ def test_baseline_state_survives_kill_and_resume(method, tmp_path):
   assert simulate.run(cfg, workdir, max_rounds=2, progress=False) == {}  # up to the task end
   assert simulate.run(cfg, workdir, max_rounds=1, progress=False) == {}
   assert _strip(simulate.run(cfg, workdir, progress=False)) == _strip(full)
+
+
+@pytest.mark.parametrize('method', ['l2p', 'coda_p', 'pilora'])
+def test_prompt_and_prototype_methods_run_on_the_same_loop(method, tmp_path):
+  """What is trained and uploaded, exactly, on the tiny ViT (width 64, depth 2, 10 classes)."""
+  res = simulate.run(smoke_config(method=method), str(tmp_path), progress=False)
+  assert res['method'] == method and res['num_tasks'] == 2 and 0.0 <= res['final_accuracy'] <= 1.0
+  rounds = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl') if '"round"' in l]
+  assert len(rounds) == 4 and all(np.isfinite(r['train_loss']) for r in rounds)
+  head = 64 * 10 + 10
+  if method == 'l2p':  # no LoRA; head + 10 prompts of 5 tokens + 10 keys
+    up = down = head + 10 * 5 * 64 + 10 * 64
+  elif method == 'coda_p':  # no LoRA; head + 2 blocks x 100 components (8 x 64 prompt, key, A)
+    up = head + 2 * 100 * (8 * 64 + 64 + 64)
+    down = up + 2 * 100  # + which components are live and which are trained
+  else:  # block 0's qkv a (64, 2), b (2, 192); head + prototypes (10, 64)
+    ab = 64 * 2 + 2 * 192
+    up = ab + head + 10 * 64 + (10 + 10 * 64)  # + per-class counts and feature sums
+    # + the frozen sums of old a and b, temp, the 2 old a's, their flags, seen, 4 weights
+    down = ab + head + 10 * 64 + ab + 1 + 2 * 64 * 2 + 2 + 10 + 4
+  assert {r['factors'] for r in rounds} == ({'ab'} if method == 'pilora' else {''})
+  assert {r['upload_bytes_per_client'] for r in rounds} == {4 * up}
+  assert {r['download_bytes_per_client'] for r in rounds} == {4 * down}
+
