@@ -27,12 +27,17 @@ ForwardFn = Callable[[FunctionalViT, Flat, Flat, Flat, Flat, Any, jax.Array],
                      tuple[jax.Array, jax.Array]]
 
 
+def linear_head(head: Flat, feats: jax.Array) -> jax.Array:
+  """Logits (B, K) of the classifier {'kernel' (D, K), 'bias' (K,)} on feats (B, D)."""
+  return feats @ head['kernel'] + head['bias']
+
+
 def linear_head_forward(model: FunctionalViT, frozen: Flat, a: Flat, b: Flat, head: Flat,
                         ctx: Any, x: jax.Array) -> tuple[jax.Array, jax.Array]:
   """W0 + a @ b, final-norm class token, linear head: x (B, H, W, C) ->
   (logits (B, K), features (B, D)). ctx is unused."""
   feats, _, _ = model.apply(frozen, a, b, head, x, features_only=True)
-  return feats @ head['kernel'] + head['bias'], feats
+  return linear_head(head, feats), feats
 
 
 class Batch(NamedTuple):

@@ -103,10 +103,12 @@ def diagonal_fisher(batch: Batch) -> dict:
   return jax.tree.map(lambda t: jnp.sum(t, axis=0), per_sample)
 
 
-def class_feature_sums(batch: Batch) -> dict:
-  """{'count': (K,), 'sum': (K, D)}: per-class sample counts and feature sums."""
+def class_feature_sums(batch: Batch, feats: jax.Array | None = None) -> dict:
+  """{'count': (K,), 'sum': (K, D)}: per-class sample counts and sums of
+  `feats` (B, D), by default the batch's own features."""
+  feats = batch.feats if feats is None else feats
   onehot = jax.nn.one_hot(batch.y, batch.logits.shape[-1]) * batch.w[:, None]
-  return {'count': jnp.sum(onehot, axis=0), 'sum': onehot.T @ batch.feats}
+  return {'count': jnp.sum(onehot, axis=0), 'sum': onehot.T @ feats}
 
 
 # ---------------------------------------------------------------- methods

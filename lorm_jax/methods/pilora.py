@@ -38,8 +38,9 @@ import jax
 import jax.numpy as jnp
 
 from lorm_jax import merge
-from lorm_jax.federated.client import Batch, LocalSpec, StatFn
+from lorm_jax.federated.client import Batch, LocalSpec, StatFn, masked_cross_entropy
 from lorm_jax.methods.base import ClientResults, Method, Server
+from lorm_jax.methods.continual import class_feature_sums
 from lorm_jax.models import functional as F
 
 LAYER = 'blocks.0.attn.qkv'
@@ -77,11 +78,9 @@ def pilora_loss(batch: Batch) -> jax.Array:
   protos = batch.params['head']['proto']
   protos = jnp.where(cm[:, None], protos, jax.lax.stop_gradient(protos))  # old ones frozen
   d = prototype_distances(batch.feats, protos)
-  seen = (aux['seen'] > 0) | cm
-  logp = jax.nn.log_softmax(jnp.where(seen, -d / batch.ctx['temp'], -1e9), axis=-1)
-  denom = jnp.maximum(jnp.sum(w), 1.0)
-  ce = -jnp.sum(jnp.take_along_axis(logp, batch.y[:, None], 1)[:, 0] * w) / denom
-  own = jnp.sum(jnp.take_along_axis(d, batch.y[:, None], 1)[:, 0] * w) / denom
+  ce, _ = masked_cross_entropy(-d / batch.ctx['temp'], batch.y, (aux['seen'] > 0) | cm, w)
+  own = jnp.sum(jnp.take_along_axis(d, batch.y[:, None], 1)[:, 0] * w) / jnp.maximum(
+      jnp.sum(w), 1.0)
   a, b = batch.params['a'][LAYER], batch.params['b'][LAYER]
   ortho = jnp.sum(aux['a_old_valid'][:, None, None]
                   * jnp.abs(jnp.einsum('ir,tis->trs', a, aux['a_old'])))
@@ -97,8 +96,7 @@ def plain_class_feature_sums(batch: Batch) -> dict:
   PILoRA delta (a + sum a_old = 0 makes it vanish)."""
   zero_a = {LAYER: -batch.ctx['a_old_sum']}
   _, feats = batch.forward(zero_a, batch.params['b'], batch.params['head'], batch.x)
-  onehot = jax.nn.one_hot(batch.y, batch.logits.shape[-1]) * batch.w[:, None]
-  return {'count': jnp.sum(onehot, axis=0), 'sum': onehot.T @ feats}
+  return class_feature_sums(batch, feats)
 
 
 @jax.jit
@@ -116,7 +114,7 @@ def merge_prototypes(protos: jax.Array, count: jax.Array, sums: jax.Array, prese
   holds = (count > 0) & present[:, None]                                   # (C, K)
   means = sums / jnp.maximum(count, 1.0)[..., None]                        # (C, K, D)
   diff = protos[:, None] - means[None]                                     # (Ci, Cj, K, D)
-  dist = jnp.sqrt(jnp.maximum(jnp.sum(diff ** 2, -1), 0.0))                # (Ci, Cj, K)
+  dist = jnp.sqrt(jnp.sum(diff ** 2, -1))                                  # (Ci, Cj, K)
   score = jnp.sum(jnp.where(holds[None], dist, 0.0), axis=1)              # (Ci, K)
   recip = 1.0 / (score + 1e-10)
   big = jnp.where(present[:, None], recip, -jnp.inf).max(0)

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from lorm_jax import merge
-from lorm_jax.federated.client import LocalSpec
+from lorm_jax.federated.client import LocalSpec, linear_head
 from lorm_jax.methods.base import ClientResults, Method, Server
 from lorm_jax.models import functional as F
 from lorm_jax.models.vit import Prompting
@@ -57,10 +57,6 @@ def _query(model: F.FunctionalViT, frozen: F.Flat, head: F.Flat, x: jax.Array
   return a, b, jax.lax.stop_gradient(q)
 
 
-def _linear(head: F.Flat, feats: jax.Array) -> tuple[jax.Array, jax.Array]:
-  return feats @ head['kernel'] + head['bias'], feats
-
-
 # ------------------------------------------------------------------ L2P
 
 
@@ -81,7 +77,7 @@ def l2p_forward(model: F.FunctionalViT, frozen: F.Flat, a: F.Flat, b: F.Flat, he
   pos = 0.02 * jax.random.normal(jax.random.key(_PROMPT_POS_KEY), tokens.shape[1:])
   feats, _, _ = model.apply(frozen, a0, b0, head, x, features_only=True,
                             prompting=Prompting(tokens, pos, None, 'cls_and_tokens'))
-  return _linear(head, feats)
+  return linear_head(head, feats), feats
 
 
 @dataclasses.dataclass
@@ -156,7 +152,7 @@ def coda_forward(model: F.FunctionalViT, frozen: F.Flat, a: F.Flat, b: F.Flat, h
     prefixes[layer] = (prompt[:, :half], prompt[:, half:])
   feats, _, _ = model.apply(frozen, a0, b0, head, x, features_only=True,
                             prompting=Prompting(prefixes=prefixes))
-  return _linear(head, feats)
+  return linear_head(head, feats), feats
 
 
 @functools.partial(jax.jit, static_argnames=('start', 'stop'))
@@ -186,9 +182,10 @@ class CodaPrompt(PromptMethod):
   name: str = 'coda_p'
   forward = staticmethod(coda_forward)
 
-  @property
-  def per_task(self) -> int:
-    return CODA_POOL // self.config.num_tasks
+  def task_slice(self, task: int) -> tuple[int, int]:
+    """[start, stop) of the components task `task` owns (100 / num_tasks each)."""
+    per_task = CODA_POOL // self.config.num_tasks
+    return task * per_task, (task + 1) * per_task
 
   def init_prompts(self, key: jax.Array, params: F.Params) -> F.Flat:
     """Zeros; begin_task fills each task's slice (blocks 0-4, fewer if the ViT is shallower)."""
@@ -200,7 +197,7 @@ class CodaPrompt(PromptMethod):
 
   def begin_task(self, server: Server, task: int, key: jax.Array) -> Server:
     """Gram-Schmidt initialisation of this task's slice of every pool."""
-    start, stop = task * self.per_task, (task + 1) * self.per_task
+    start, stop = self.task_slice(task)
     head = dict(server['head'])
     for i, name in enumerate(('coda.p', 'coda.k', 'coda.a')):
       x = head[name]
@@ -212,6 +209,6 @@ class CodaPrompt(PromptMethod):
 
   def forward_ctx(self, server: Server, task: int) -> Any:
     comp = jnp.arange(CODA_POOL)
-    start, stop = task * self.per_task, (task + 1) * self.per_task
+    start, stop = self.task_slice(task)
     return {'live': (comp < stop).astype(jnp.float32),
             'train': ((comp >= start) & (comp < stop)).astype(jnp.float32)}
