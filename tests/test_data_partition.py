@@ -1,6 +1,7 @@
 """Class-incremental tasks and Dirichlet client splits."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -140,3 +141,41 @@ def test_save_load_roundtrip_and_validation(tmp_path):
   (tmp_path / "junk.json").write_text("{")
   with pytest.raises(DataError, match="JSON"):
     load_split(str(tmp_path / "junk.json"))
+
+
+def test_check_split_against_data():
+  from lorm_jax.data.partition import check_split
+  labels = np.repeat(np.arange(4), 5)          # 20 samples, classes 0..3
+  tasks = task_classes(4, 2)                   # [0, 1], [2, 3]
+  good = [[np.array([0, 5]), np.array([1, 9])], [np.array([10, 15]), np.array([11])]]
+  check_split('s.json', good, labels, tasks, num_clients=2)
+  with pytest.raises(DataError, match="it has 2 tasks, the config 3"):
+    check_split('s.json', good, labels, task_classes(6, 3), num_clients=2)
+  with pytest.raises(DataError, match="task 0 has 2 clients, the config num_clients=3"):
+    check_split('s.json', good, labels, tasks, num_clients=3)
+  past = [good[0], [np.array([10, 20]), np.array([11])]]
+  with pytest.raises(DataError, match="index 20, the training set holds 20 samples"):
+    check_split('s.json', past, labels, tasks, num_clients=2)
+  wrong = [[np.array([0, 10]), np.array([1])], good[1]]
+  with pytest.raises(DataError, match="sample 10 of class 2, not one of task 0's classes"):
+    check_split('s.json', wrong, labels, tasks, num_clients=2)
+
+
+def test_shipped_reference_split_fits_the_fmnist_subset():
+  """configs/splits/: the PyTorch reference's own split of the first 200
+  training images per class: 5 tasks x 10 clients, every index a sample of
+  its task's classes, none twice, every client >= 6 samples, all 2000 used."""
+  from configs import fmnist_reference
+  from lorm_jax.data import dataset as dataset_lib
+  from lorm_jax.data import fmnist
+  from lorm_jax.data.partition import check_split
+  path = fmnist_reference.get_config().split_file
+  split = load_split(path)
+  assert len(split) == 5 and all(len(t) == 10 for t in split)
+  if not os.path.isdir(fmnist.DEFAULT_DIR):
+    pytest.skip('Fashion-MNIST (Debian dataset-fashion-mnist) not installed')
+  ds = dataset_lib.subsample_dataset(fmnist.load_fashion_mnist(), 200, 200)
+  check_split(path, split, ds.train_labels, task_classes(10, 5), num_clients=10)
+  every = np.concatenate([np.concatenate(t) for t in split])
+  assert np.unique(every).size == every.size == 2000
+  assert min(len(c) for t in split for c in t) >= 6

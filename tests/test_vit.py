@@ -240,3 +240,20 @@ def test_lora_product_custom_vjp_matches_autodiff():
     np.testing.assert_allclose(np.asarray(o), np.asarray(r), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.asarray(vit.lora_product(x, a, b)), np.asarray((x @ a) @ b),
                              rtol=1e-6, atol=1e-6)
+
+
+def test_head_init_is_the_reference_timm_init():
+  """Kernel ~ N(0, 0.02^2) (timm's trunc_normal_ with absolute bounds +-2,
+  i.e. in effect untruncated), bias exactly 0; with 2 classes per task and
+  current-task cross-entropy, each task's column and bias sums never move
+  from their initial values, so this init sets the cross-task calibration."""
+  from lorm_jax.models import functional as F
+  head = F.init_head(jax.random.key(3), 384, 1000)
+  k = np.asarray(head['kernel'])
+  assert k.shape == (384, 1000) and head['bias'].shape == (1000,)
+  np.testing.assert_array_equal(np.asarray(head['bias']), 0.0)
+  assert abs(k.std() - 0.02) < 0.02 * 0.01      # 384k draws: std within 1%
+  assert abs(k.mean()) < 1e-4
+  assert np.abs(k).max() < 0.02 * 6              # a normal's tail, nowhere near +-2
+  # normal, not uniform: the fourth standardized moment of a normal is 3 (uniform 1.8)
+  assert abs(np.mean((k / k.std()) ** 4) - 3.0) < 0.1

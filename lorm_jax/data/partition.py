@@ -232,3 +232,32 @@ def load_split(path: str, num_samples: int | None = None
       raise bad(f"task {t} holds a sample index more than once")
     out.append(clients)
   return out
+
+
+def check_split(path: str, split: Sequence[Sequence[np.ndarray]], labels: np.ndarray,
+                tasks: Sequence[np.ndarray], num_clients: int) -> None:
+  """Checks a loaded split against the data and the config.
+
+  Raises DataError unless: len(split) == len(tasks), every task has
+  `num_clients` clients, every index lies inside the training set, and every
+  index of task t is labelled with a class of task t (a split made for other
+  data would otherwise train on the wrong images: JAX clamps gathers).
+  """
+  labels = np.asarray(labels)
+  where = f"split file {path} does not fit this run"
+  if len(split) != len(tasks):
+    raise DataError(f"{where}: it has {len(split)} tasks, the config {len(tasks)}")
+  for t, (clients, cls) in enumerate(zip(split, tasks)):
+    if len(clients) != num_clients:
+      raise DataError(f"{where}: task {t} has {len(clients)} clients, the config "
+                      f"num_clients={num_clients}")
+    for k, idx in enumerate(clients):
+      idx = np.asarray(idx, np.int64)
+      if idx.size and idx.max() >= labels.size:
+        raise DataError(f"{where}: task {t} client {k} has index {int(idx.max())}, the "
+                        f"training set holds {labels.size} samples")
+      wrong = idx[~np.isin(labels[idx], cls)]
+      if wrong.size:
+        raise DataError(f"{where}: task {t} client {k} holds sample {int(wrong[0])} of class "
+                        f"{int(labels[wrong[0]])}, not one of task {t}'s classes "
+                        f"{[int(x) for x in cls]}")

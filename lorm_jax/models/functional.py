@@ -136,11 +136,12 @@ def tree_size_bytes(tree: Any) -> int:
 
 
 def init_head(key: jax.Array, width: int, num_classes: int) -> Flat:
-  """torch.nn.Linear-style init: U(-1/sqrt(D), 1/sqrt(D)) for kernel and bias."""
-  bound = 1.0 / jnp.sqrt(width)
-  k1, k2 = jax.random.split(key)
-  return {'kernel': jax.random.uniform(k1, (width, num_classes), minval=-bound, maxval=bound),
-          'bias': jax.random.uniform(k2, (num_classes,), minval=-bound, maxval=bound)}
+  """The reference's head init (timm's Linear init as `timm.create_model(...,
+  num_classes=K)` leaves it): kernel (D, K) from a normal with std 0.02
+  truncated at the absolute values -2 and 2 (in effect untruncated), bias 0."""
+  std = 0.02
+  kernel = std * jax.random.truncated_normal(key, -2.0 / std, 2.0 / std, (width, num_classes))
+  return {'kernel': kernel, 'bias': jnp.zeros((num_classes,), jnp.float32)}
 
 
 def init_lora(key: jax.Array, a: Flat, b: Flat) -> tuple[Flat, Flat]:
