@@ -13,7 +13,6 @@ line on stderr with exit status 1.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import numpy as np
 
 from lorm_jax.models import checkpoints as ckpt
 from lorm_jax.models import pretrained
-from lorm_jax.models.checkpoints import CheckpointError
+from lorm_jax.errors import CheckpointError, argument_parser, report_user_errors
 
 AUGREG_CANONICAL = 'augreg_b16_i21k.lorm.npz'
 
@@ -34,8 +33,9 @@ def _summary(path: Path) -> str:
   return f'{path}  ({n / 1e6:.2f}M parameters, depth {depth}, width {width})'
 
 
+@report_user_errors
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog='python -m experiments.fetch_weights',
+  parser = argument_parser(prog='python -m experiments.fetch_weights',
                                    description=__doc__.split('\n\n')[0])
   parser.add_argument('--cache-dir', default=None, help='cache folder (default: '
                       '$LORM_JAX_CACHE or ~/.cache/lorm_jax)')
@@ -59,9 +59,8 @@ def main(argv: list[str] | None = None) -> int:
       params[ckpt.META_PREFIX + 'source'] = np.array(str(src))
       out = ckpt.save_npz(params, root / AUGREG_CANONICAL)
       print(f'AugReg ViT-B/16: {_summary(out)}')
-  except CheckpointError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
+  except OSError as e:  # an unwritable cache folder, a full disk
+    raise CheckpointError(f'cannot write the weights cache {root}: {e}') from None
   return 0
 
 

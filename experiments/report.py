@@ -10,13 +10,13 @@ published for them.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import os
 
 import numpy as np
 
+from lorm_jax.errors import UserError, argument_parser, report_user_errors
 from lorm_jax import plotting  # noqa: F401  (selects the Agg backend)
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -56,10 +56,19 @@ def load_results(paths: list[str]) -> list[dict]:
   for p in paths:
     f = p if p.endswith('.json') else os.path.join(p, 'results.json')
     if os.path.exists(f):
-      with open(f) as fh:
-        r = json.load(fh)
+      try:
+        with open(f) as fh:
+          r = json.load(fh)
+      except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f'{f} is not a readable results file ({e})') from None
       r['_path'] = os.path.dirname(f)
+      cfg = os.path.join(r['_path'], 'config.json')
+      if 'local_epochs' not in r and os.path.exists(cfg):  # results of older runs
+        with open(cfg) as fh:
+          r['local_epochs'] = json.load(fh).get('local_epochs')
       out.append(r)
+  if not out:
+    raise UserError(f'no results.json in {", ".join(paths)}; give finished run folders')
   return out
 
 
@@ -103,17 +112,32 @@ def local_table(results: list[dict]) -> str:
   for r in results:
     if r['dataset'] in BENCHMARKS:
       continue
-    rows[(r['method'], r['dataset'], r['beta'])].append(r)
+    rows[(r['method'], r['dataset'], r['beta'], r.get('local_epochs'))].append(r)
   if not rows:
     return '(no runs on the embedded configs)'
-  lines = ['| method | dataset | beta | final accuracy % | forgetting % | wall s | runs |',
-           '|---|---|---|---|---|---|---|']
-  for (m, d, beta), rs in sorted(rows.items()):
+  lines = ['| method | dataset | beta | local epochs | final accuracy % | forgetting % | wall s '
+           '| runs |', '|---|---|---|---|---|---|---|---|']
+  for (m, d, beta, epochs), rs in sorted(rows.items(), key=lambda kv: tuple(map(str, kv[0]))):
     acc = [100 * r['final_accuracy'] for r in rs]
     fgt = [100 * r['forgetting'] for r in rs]
     wall = np.mean([r['wall_seconds'] for r in rs])
-    lines.append(f'| {m} | {d} | {beta} | {fmt(acc)} | {np.mean(fgt):.2f} | {wall:.0f} | '
+    lines.append(f'| {m} | {d} | {beta} | {epochs} | {fmt(acc)} | {np.mean(fgt):.2f} | {wall:.0f} | '
                  f'{len(rs)} |')
+  return '\n'.join(lines)
+
+
+def runs_table(results: list[dict]) -> str:
+  """One row per run of the embedded configs: final accuracy, the per-task
+  row after the last task and the accuracy after each task (all %)."""
+  pct = lambda xs: ', '.join('-' if x is None else f'{100 * x:.2f}' for x in xs)
+  rows = sorted((r for r in results if r['dataset'] not in BENCHMARKS),
+                key=lambda r: (str(r.get('local_epochs')), r['method'], r['seed']))
+  lines = ['| method | local epochs | seed | final % | per task after the last task | '
+           'after each task |', '|---|---|---|---|---|---|']
+  for r in rows:
+    lines.append(f"| {r['method']} | {r.get('local_epochs')} | {r['seed']} | "
+                 f"{100 * r['final_accuracy']:.2f} | {pct(r['per_task_accuracy'])} | "
+                 f"{pct(r['accuracy_per_task_end'])} |")
   return '\n'.join(lines)
 
 
@@ -141,15 +165,17 @@ def bar_chart(path: str, cells) -> None:
   plt.close(fig)
 
 
+@report_user_errors
 def main(argv=None) -> None:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = argument_parser(description=__doc__.splitlines()[0])
   p.add_argument('workdirs', nargs='+')
   p.add_argument('--out', default='', help='folder for report.md / report.png')
   args = p.parse_args(argv)
   results = load_results(args.workdirs)
   cells = group(results)
   text = ('## Paper benchmarks (ours / published, difference)\n\n' + paper_table(cells) +
-          '\n\n## Embedded configs (no published numbers)\n\n' + local_table(results) + '\n')
+          '\n\n## Embedded configs (no published numbers)\n\n' + local_table(results) +
+          '\n\n### Runs\n\n' + runs_table(results) + '\n')
   print(text)
   if args.out:
     os.makedirs(args.out, exist_ok=True)

@@ -9,6 +9,7 @@ Rerunning the same command on the same workdir resumes from the last round.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from lorm_jax import errors
 from lorm_jax.federated import simulate
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
@@ -18,6 +19,7 @@ _MAX_ROUNDS = flags.DEFINE_integer('max_rounds', None, 'Stop after this many rou
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+@errors.report_user_errors
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
@@ -31,4 +33,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=errors.parse_flags_or_fail)

@@ -12,10 +12,11 @@ results.json is skipped, one holding a checkpoint is resumed. Then
 """
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
+
+from lorm_jax.errors import UserError, argument_parser, report_user_errors
 
 
 def run_dirs(args) -> list[tuple[str, list[str]]]:
@@ -38,8 +39,9 @@ def run_dirs(args) -> list[tuple[str, list[str]]]:
   return out
 
 
+@report_user_errors
 def main(argv=None) -> None:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = argument_parser(description=__doc__.splitlines()[0])
   p.add_argument('--config', required=True)
   p.add_argument('--methods', default='lorm')
   p.add_argument('--betas', default='', help='comma list; empty = the config\'s beta')
@@ -54,7 +56,10 @@ def main(argv=None) -> None:
       continue
     print(' '.join(cmd), flush=True)
     if not args.dry_run:
-      subprocess.run(cmd, check=True)
+      done = subprocess.run(cmd, check=False)
+      if done.returncode:
+        raise UserError(f'the run in {workdir} failed (exit status {done.returncode}, its '
+                        'error above); rerun the sweep to resume it and the rest')
 
 
 if __name__ == '__main__':

@@ -22,6 +22,30 @@ def forgetting(acc: np.ndarray) -> float:
   return float(np.mean([acc[j, j] - acc[t - 1, j] for j in range(t - 1)]))
 
 
+def vit_forward_flops(cfg: Any) -> float:
+  """Matmul FLOPs of one image through a ViT (a `vit.ViTConfig`), 2 per multiply-add:
+  patch embedding, per block qkv/proj/fc1/fc2 over all T tokens and the two
+  attention products (2 T^2 D each), the head; LoRA's rank-r products are
+  counted too. Norms, GELU and softmax are left out (no matmul)."""
+  t, d, m, r = cfg.num_tokens, cfg.width, cfg.mlp_dim, cfg.lora_rank
+  patch = 2 * (t - 1) * cfg.patch_size ** 2 * 3 * d
+  dense = 2 * t * (d * 3 * d + d * d + d * m + m * d)
+  lora = 2 * t * r * ((d + 3 * d) + (d + d) + (d + m) + (m + d))
+  attention = 2 * 2 * t * t * d
+  return float(patch + cfg.depth * (dense + lora + attention) + 2 * d * cfg.num_classes)
+
+
+def vit_train_flops(cfg: Any) -> float:
+  """Useful FLOPs of one image in a LoRA training step: the forward and the
+  input gradient through every block (the same matmuls again, the patch
+  embedding excepted: no gradient reaches the image), nothing for the frozen
+  kernels' own gradients; the LoRA and head gradients are rank-r / D x K
+  products, within the forward count's LoRA and head terms."""
+  patch = 2 * (cfg.num_tokens - 1) * cfg.patch_size ** 2 * 3 * cfg.width
+  fwd = vit_forward_flops(cfg)
+  return 2 * fwd - patch
+
+
 def seen_class_accuracy(logits: np.ndarray, labels: np.ndarray, seen_mask: np.ndarray,
                         task_of_label: np.ndarray, num_tasks_seen: int
                         ) -> tuple[float, np.ndarray]:

@@ -36,8 +36,8 @@ def plot_accuracy_matrix(path: str, acc: np.ndarray, title: str) -> None:
               color='white' if acc[i, j] < 0.6 else 'black')
   ax.set_xlabel('on task')
   ax.set_ylabel('after task')
-  ax.set_xticks(range(t))
-  ax.set_yticks(range(t))
+  ax.set_xticks(range(t), [str(k) for k in range(1, t + 1)])  # tasks 1..T, as the curve
+  ax.set_yticks(range(t), [str(k) for k in range(1, t + 1)])
   ax.set_title(title, fontsize=9)
   fig.colorbar(im, ax=ax, fraction=0.046)
   fig.tight_layout()

@@ -252,8 +252,8 @@ def test_benchmark_config_has_the_imagenet_r_shape():
 @pytest.mark.parametrize('override,match', [
     (dict(method='nope'), 'unknown method'),
     (dict(**{'dataset.name': 'mnist_plus'}), 'mnist_plus'),
-    (dict(**{'model.rank': 0}), 'rank must be >= 1'),
-    (dict(beta=0.0), 'beta must be > 0'),
+    (dict(**{'model.rank': 0}), 'rank must be an integer >= 1'),
+    (dict(beta=0.0), 'beta must be a finite number > 0'),
     (dict(num_tasks=3), 'do not divide'),
     (dict(num_clients=50), 'need more data'),
     (dict(schedule='zigzag'), 'unknown schedule'),
@@ -268,17 +268,63 @@ def test_bad_config_fails_with_one_line_error(override, match, tmp_path):
 def test_workdir_of_another_run_is_refused(tmp_path):
   setup.prepare_workdir(smoke_config(), str(tmp_path))
   with pytest.raises(setup.ConfigError, match='different config'):
-    setup.prepare_workdir(smoke_config(seed=3), str(tmp_path))
+    setup.check_workdir(smoke_config(seed=3), str(tmp_path))
+  setup.check_workdir(smoke_config(seed=3, overwrite=True), str(tmp_path))
   setup.prepare_workdir(smoke_config(seed=3, overwrite=True), str(tmp_path))
   assert json.load(open(tmp_path / 'config.json'))['seed'] == 3
 
 
-def test_cli_rejects_unknown_config_key(tmp_path):
-  cmd = [sys.executable, '-m', 'experiments.run', '--config=configs/smoke.py',
-         f'--workdir={tmp_path}', '--config.rnak=4']
-  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                       env=dict(os.environ, PYTHONPATH=REPO))
-  assert out.returncode != 0 and 'rnak' in out.stderr
+def test_divergence_stops_before_anything_is_saved(tmp_path):
+  """An absurd learning rate: the run stops with one line naming task, round
+  and client, and no checkpoint or metrics line holds the diverged round."""
+  from lorm_jax.errors import DivergenceError  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path / 'w')
+  cfg = smoke_config(lr_head=1e30, lr_a=1e30, lr_b=1e30)
+  with pytest.raises(DivergenceError, match=r'non-finite training loss at task 0, round 0, '
+                     r'client \d') as info:
+    simulate.run(cfg, workdir, progress=False)
+  assert '\n' not in str(info.value)
+  assert not os.listdir(os.path.join(workdir, 'checkpoints'))
+  assert not os.path.exists(os.path.join(workdir, 'metrics.jsonl')) or \
+      open(os.path.join(workdir, 'metrics.jsonl')).read() == ''
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(smoke_run, tmp_path, capsys):
+  """Kill after 3 steps, damage every file of the newest step, resume: the run
+  says so in one line, redoes that step from the one before and ends with the
+  uninterrupted run's results."""
+  _, full = smoke_run
+  workdir = str(tmp_path / 'w')
+  cfg = smoke_config()
+  assert simulate.run(cfg, workdir, max_rounds=3, progress=False) == {}
+  ckdir = os.path.join(workdir, 'checkpoints')
+  steps = sorted(int(d) for d in os.listdir(ckdir) if d.isdigit())
+  assert len(steps) == 2
+  for root, _, names in os.walk(os.path.join(ckdir, str(steps[-1]))):
+    for name in names:
+      with open(os.path.join(root, name), 'wb') as f:
+        f.write(b'\x00garbage')
+  resumed = simulate.run(cfg, workdir, progress=False)
+  captured = capsys.readouterr()
+  warned = [l for l in (captured.out + captured.err).splitlines() if 'unreadable' in l]
+  assert len(warned) == 1 and f'step {steps[-1]}' in warned[0]
+  assert f'resuming from step {steps[0]}' in warned[0]
+  assert _strip(resumed) == _strip(full)
+
+
+def test_no_readable_checkpoint_is_a_one_line_error(tmp_path):
+  from lorm_jax.errors import CheckpointError  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path / 'w')
+  cfg = smoke_config()
+  assert simulate.run(cfg, workdir, max_rounds=1, progress=False) == {}
+  ckdir = os.path.join(workdir, 'checkpoints')
+  for root, _, names in os.walk(ckdir):
+    for name in names:
+      with open(os.path.join(root, name), 'wb') as f:
+        f.write(b'\x00')
+  with pytest.raises(CheckpointError, match='no readable checkpoint in .*checkpoints') as info:
+    simulate.run(cfg, workdir, progress=False)
+  assert '\n' not in str(info.value)
 
 
 def test_ffa_lora_trains_only_b(tmp_path):

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import shutil
 from typing import Callable
 
 import jax
@@ -17,14 +19,11 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from lorm_jax import methods
+from lorm_jax import checkpointing, methods
 from lorm_jax.data import augment, dataset as dataset_lib, partition, tfds_source
+from lorm_jax.errors import ConfigError
 from lorm_jax.methods.lorm import SCHEDULES
 from lorm_jax.models import checkpoints, functional as F, pretrained, vit
-
-
-class ConfigError(ValueError):
-  """A bad configuration value; the message is one line."""
 
 
 # Architectures by name: kwargs of vit.ViTConfig (image_size/rank/classes added later).
@@ -37,33 +36,58 @@ ARCHITECTURES: dict[str, Callable[[], dict]] = {
 
 
 def validate_config(c: ConfigDict) -> None:
-  """Raises ConfigError (one line) for values no run could use."""
+  """Raises ConfigError (one line) for values no run could use, before any work."""
   def need(cond, msg):
     if not cond:
       raise ConfigError(msg)
+
+  def positive_int(*names):
+    for name in names:
+      v = _get(c, name)
+      need(isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+           f'{name} must be an integer >= 1, got {v!r}')
+
+  def finite(name, low, high=math.inf, low_open=True):
+    v = _get(c, name)
+    ok = isinstance(v, (int, float)) and math.isfinite(v) and (
+        v > low if low_open else v >= low) and v <= high
+    bound = f'> {low}' if low_open else f'>= {low}'
+    need(ok, f'{name} must be a finite number {bound}' + (f' and <= {high}' if high < math.inf
+                                                         else '') + f', got {v!r}')
+
   need(c.method in methods.METHODS,
        f'unknown method {c.method!r}; available: {", ".join(sorted(methods.METHODS))}')
   try:
-    tfds_source.facts(c.dataset.name)
+    facts = tfds_source.facts(c.dataset.name)
   except Exception as e:  # the registry's own message names the known datasets
     raise ConfigError(str(e).splitlines()[0]) from None
   need(c.model.name in ARCHITECTURES,
        f'unknown model {c.model.name!r}; available: {", ".join(sorted(ARCHITECTURES))}')
-  need(c.model.rank >= 1, f'model.rank must be >= 1, got {c.model.rank}')
-  need(c.beta > 0, f'beta must be > 0, got {c.beta}')
-  need(c.num_clients >= 1, f'num_clients must be >= 1, got {c.num_clients}')
-  need(c.num_tasks >= 1, f'num_tasks must be >= 1, got {c.num_tasks}')
-  need(c.rounds >= 1 and c.local_epochs >= 1 and c.batch_size >= 1,
-       'rounds, local_epochs and batch_size must be >= 1')
-  need(0.0 <= c.alpha_head <= 1.0 and 0.0 <= c.alpha_backbone <= 1.0,
-       f'alpha_head and alpha_backbone must lie in [0, 1], got {c.alpha_head}, {c.alpha_backbone}')
+  positive_int('model.rank', 'num_clients', 'num_tasks', 'rounds', 'local_epochs', 'batch_size',
+               'clients_per_chunk', 'eval_batch_size', 'image_size', 'dataset.store_size')
+  for name in ('dataset.train_per_class', 'dataset.test_per_class', 'min_samples', 'seed',
+               'split_seed', 'classes_per_task'):
+    v = _get(c, name)
+    need(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+         f'{name} must be an integer >= 0, got {v!r}')
+  finite('beta', 0.0)
+  for name in ('lr_head', 'lr_a', 'lr_b'):
+    finite(name, 0.0)   # a too large one is caught as divergence (a non-finite loss)
+  finite('weight_decay', 0.0, low_open=False)
+  finite('ridge', 0.0, 1.0)  # relative to the mean of a system's diagonal
+  finite('alpha_head', 0.0, 1.0, low_open=False)
+  finite('alpha_backbone', 0.0, 1.0, low_open=False)
   need(c.schedule in SCHEDULES, f'unknown schedule {c.schedule!r}; expected one of {SCHEDULES}')
   need(c.model.dtype in ('float32', 'bfloat16'),
        f'model.dtype must be float32 or bfloat16, got {c.model.dtype!r}')
   need(c.client_mode in ('vmap', 'sequential'),
        f"client_mode must be 'vmap' or 'sequential', got {c.client_mode!r}")
-  need(c.clients_per_chunk >= 1, f'clients_per_chunk must be >= 1, got {c.clients_per_chunk}')
-  num_classes = tfds_source.facts(c.dataset.name).num_classes
+  patch = ARCHITECTURES[c.model.name]()['patch_size']
+  need(c.image_size % patch == 0,
+       f'image_size {c.image_size} is not a multiple of the {c.model.name} patch size {patch}')
+  if c.split_file:
+    need(os.path.isfile(c.split_file), f'split_file {c.split_file} does not exist')
+  num_classes = facts.num_classes
   if not c.classes_per_task:
     need(num_classes % c.num_tasks == 0,
          f'{c.num_tasks} tasks do not divide the {num_classes} classes of {c.dataset.name}; '
@@ -74,27 +98,49 @@ def validate_config(c: ConfigDict) -> None:
          f'{num_classes} classes of {c.dataset.name}')
 
 
+def _get(c: ConfigDict, dotted: str):
+  for part in dotted.split('.'):
+    c = getattr(c, part)
+  return c
+
+
+def check_workdir(c: ConfigDict, workdir: str) -> None:
+  """Raises ConfigError, touching nothing, if workdir cannot hold this run:
+  not a folder, or holding a run of another config (without overwrite)."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f'--workdir {workdir} exists and is not a folder; give a folder path')
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path) or c.overwrite:
+    return
+  try:
+    with open(path) as f:
+      old = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise ConfigError(f'{path} is unreadable ({e}); use another --workdir or '
+                      '--config.overwrite=True') from None
+  new = json.loads(c.to_json_best_effort())
+  old.pop('overwrite', None), new.pop('overwrite', None)
+  if old != new:
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    raise ConfigError(f'{workdir} holds a run with a different config (differs in: '
+                      f'{", ".join(diff)}); use another --workdir or --config.overwrite=True')
+
+
 def prepare_workdir(c: ConfigDict, workdir: str) -> None:
-  """Creates workdir and writes config.json; refuses a workdir of another run."""
+  """Creates workdir and writes config.json (after `check_workdir`); with
+  overwrite, a workdir of another config is emptied first."""
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, 'config.json')
   text = c.to_json_best_effort(indent=2, sort_keys=True)
-  if os.path.exists(path):
+  if os.path.exists(path) and c.overwrite:
     with open(path) as f:
-      old = json.load(f)
-    new = json.loads(text)
-    old.pop('overwrite', None), new.pop('overwrite', None)
-    if old != new:
-      if not c.overwrite:
-        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        raise ConfigError(f'{workdir} holds a run with a different config (differs in: '
-                          f'{", ".join(diff)}); use another --workdir or --config.overwrite=True')
+      same = f.read() == text
+    if not same:
       for name in os.listdir(workdir):  # start afresh
         full = os.path.join(workdir, name)
-        if name == 'checkpoints':
-          import shutil
+        if os.path.isdir(full):
           shutil.rmtree(full)
-        elif name != 'config.json':
+        else:
           os.remove(full)
   with open(path, 'w') as f:
     f.write(text)
@@ -146,9 +192,15 @@ def build_model(c: ConfigDict, num_classes: int) -> vit.ViT:
   return model
 
 
-def build_experiment(c: ConfigDict, workdir: str) -> Experiment:
+def build_experiment(c: ConfigDict, workdir: str,
+                     lock: checkpointing.WorkdirLock | None = None) -> Experiment:
+  """Checks everything (config, workdir, data, split, weights) before writing
+  anything to workdir, so a refused run leaves it as it was; `lock` (held by
+  the caller) is taken at once on an existing workdir, else once it is made."""
   validate_config(c)
-  prepare_workdir(c, workdir)
+  if lock is not None:
+    lock.acquire_if_exists()
+  check_workdir(c, workdir)
 
   # Data: fail fast if missing, before the weights.
   ds = tfds_source.load_dataset(c.dataset.name, c.dataset.data_dir or None,
@@ -166,6 +218,7 @@ def build_experiment(c: ConfigDict, workdir: str) -> Experiment:
   # Client split: a pure function of (labels, config, split_seed), or a file.
   if c.split_file:
     split = partition.load_split(c.split_file)
+    partition.check_split(c.split_file, split, ds.train_labels, task_classes, c.num_clients)
   else:
     per_task_min = min(np.isin(ds.train_labels, cls).sum() for cls in task_classes)
     if per_task_min < c.num_clients * c.min_samples:
@@ -174,9 +227,11 @@ def build_experiment(c: ConfigDict, workdir: str) -> Experiment:
     split = partition.federated_split(ds.train_labels, ds.num_classes, c.num_tasks, c.num_clients,
                                       c.beta, c.split_seed, min_samples=c.min_samples,
                                       classes_per_task=c.classes_per_task or None)
-  partition.save_split(os.path.join(workdir, 'split.json'), split)
-
   model = build_model(c, ds.num_classes)
+  prepare_workdir(c, workdir)
+  if lock is not None:
+    lock.acquire()
+  partition.save_split(os.path.join(workdir, 'split.json'), split)
   fmodel = F.FunctionalViT(model)
   name = c.dataset.preprocess or c.dataset.name
   spec_train = augment.preset(name, c.image_size, train=True, augment=c.augment)

@@ -33,6 +33,7 @@ from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
 from lorm_jax import checkpointing, metrics, plotting
+from lorm_jax.errors import DivergenceError
 from lorm_jax.federated import batching, client, rng
 from lorm_jax.federated.setup import Experiment, build_experiment
 from lorm_jax.methods import ClientResults, GramRequest, Method
@@ -216,8 +217,17 @@ def run(config: ConfigDict, workdir: str, *, max_rounds: int | None = None,
   max_rounds: stop after this many rounds in this call (for kill/resume tests);
   returns {} if stopped early.
   """
+  lock = checkpointing.WorkdirLock(workdir)
+  try:
+    return _run(config, workdir, lock, max_rounds, progress)
+  finally:
+    lock.release()
+
+
+def _run(config: ConfigDict, workdir: str, lock: checkpointing.WorkdirLock,
+         max_rounds: int | None, progress: bool) -> dict[str, Any]:
   t_start = time.time()
-  exp = _apply_task_structure(build_experiment(config, workdir))
+  exp = _apply_task_structure(build_experiment(config, workdir, lock))
   c = config
   method = exp.method
   runner = ClientRunner(exp, c.clients_per_chunk, c.client_mode)
@@ -228,10 +238,10 @@ def run(config: ConfigDict, workdir: str, *, max_rounds: int | None = None,
                                                       exp.model.cfg.width, exp.num_classes),
                               rng.key(c.seed, 'lora_init', 0))
   meta = RunMeta()
-  if ckpt.latest_step() is not None:
-    server, meta_dict = ckpt.restore(server)
-    server = jax.tree.map(jnp.asarray, server)
-    meta = RunMeta(**meta_dict)
+  restored = ckpt.restore_newest_readable(server, warn=tqdm.write)
+  if restored is not None:
+    server = jax.tree.map(jnp.asarray, restored[0])
+    meta = RunMeta(**restored[1])
   log.truncate(meta.metrics_lines)
   wall_before = meta.wall_seconds
 
@@ -281,6 +291,7 @@ def run(config: ConfigDict, workdir: str, *, max_rounds: int | None = None,
                                              class_mask, aux, ctx)
       jax.block_until_ready(head_c)
       t_train = time.time() - t0
+      _check_finite('training loss', stats['loss_sum'], t, r, per_client=True)
 
       request = method.gram_request(t, r)
       grams, head_grams = {}, None
@@ -296,6 +307,7 @@ def run(config: ConfigDict, workdir: str, *, max_rounds: int | None = None,
                                          gidx, gmask, gkeys, shared=False)
       jax.block_until_ready(grams)
       t_gram = time.time() - t1
+      _check_finite('Gram', (grams, head_grams), t, r, per_client=True)
       t4 = time.time()
       stat_fn, client_stats = method.stats_request(t, r), None
       if stat_fn is not None:
@@ -315,6 +327,7 @@ def run(config: ConfigDict, workdir: str, *, max_rounds: int | None = None,
       server, info = method.aggregate(server, results, t, r)
       jax.block_until_ready(server)
       t_merge = time.time() - t2
+      _check_finite('merged server state', server, t, r)
 
       up, down = comm_bytes_per_client(server, spec, request, exp.model)
       down += F.tree_size_bytes((deltas, aux, ctx))  # what clients need besides a, b, head
@@ -329,6 +342,8 @@ def run(config: ConfigDict, workdir: str, *, max_rounds: int | None = None,
                 'train_accuracy': float(jnp.sum(stats['correct'])) / max(seen, 1.0),
                 'upload_bytes_per_client': up, 'download_bytes_per_client': down,
                 'merge_fallbacks': fallbacks, 'seconds_train': round(t_train, 3),
+                'train_gflops': round(seen * metrics.vit_train_flops(exp.model.cfg)
+                                      / max(t_train, 1e-9) / 1e9, 1),
                 'seconds_gram': round(t_gram, 3), 'seconds_stats': round(t_stats, 3),
                 'seconds_merge': round(t_merge, 4),
                 'seconds_round': round(time.time() - t0, 3), **metrics.memory_record()}
@@ -356,7 +371,9 @@ def run(config: ConfigDict, workdir: str, *, max_rounds: int | None = None,
       task_grams = jax.tree.map(lambda x: jnp.sum(x, axis=0), per_client)
       meta.comm_up += len(clients_t) * F.tree_size_bytes(
           jax.tree.map(lambda x: x[0], per_client))
+    _check_finite('end-of-task Gram', task_grams, t, rounds - 1)
     server = method.end_task(server, t, task_grams)
+    _check_finite('cross-task merge', server, t, rounds - 1)
     acc, per_task = evaluate(exp, runner, method, server, t, c.eval_batch_size)
     row = [float(x) for x in per_task] + [None] * (num_tasks - t - 1)
     meta.acc_matrix.append(row)
@@ -377,6 +394,25 @@ def run(config: ConfigDict, workdir: str, *, max_rounds: int | None = None,
   return results
 
 
+def _check_finite(what: str, tree: Any, task: int, rnd: int, per_client: bool = False) -> None:
+  """Raises DivergenceError (one line: task, round, client) if any leaf of tree
+  is not finite; called before the round is saved, so no NaN reaches a checkpoint.
+  per_client: leaves have a leading client axis, and the first bad client is named."""
+  leaves = [np.asarray(x) for x in jax.tree.leaves(tree)]
+  bad = [x for x in leaves if not np.isfinite(x).all()]
+  if not bad:
+    return
+  where = f'task {task}, round {rnd}'
+  if per_client:
+    clients = sorted({int(c) for x in bad
+                      for c in np.flatnonzero(~np.isfinite(x.reshape(x.shape[0], -1)).all(1))})
+    where += f', client {clients[0]}' + (f' (and {len(clients) - 1} more)' if len(clients) > 1
+                                          else '')
+  raise DivergenceError(f'non-finite {what} at {where}: the run diverged (a learning rate too '
+                        'large?); nothing of this round was saved, the newest checkpoint holds the '
+                        'last good one')
+
+
 def _apply_task_structure(exp: Experiment) -> Experiment:
   """The method's grouping of tasks and clients (`Method.task_structure`)."""
   task_classes, split = exp.method.task_structure(exp.task_classes, exp.split)
@@ -395,6 +431,7 @@ def _results(exp: Experiment, c: ConfigDict, meta: RunMeta, wall: float) -> dict
   return {
       'method': c.method, 'dataset': c.dataset.name, 'beta': c.beta, 'seed': c.seed,
       'num_tasks': t, 'num_clients': len(exp.split[0]), 'rounds': c.rounds,
+      'local_epochs': c.local_epochs,
       'final_accuracy': meta.acc_after_task[-1],
       'accuracy_per_task_end': meta.acc_after_task,
       'accuracy_matrix': meta.acc_matrix,

