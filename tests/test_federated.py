@@ -399,3 +399,62 @@ def test_prompt_and_prototype_methods_run_on_the_same_loop(method, tmp_path):
   assert {r['upload_bytes_per_client'] for r in rounds} == {4 * up}
   assert {r['download_bytes_per_client'] for r in rounds} == {4 * down}
 
+
+
+def test_participation_one_keeps_every_client_and_its_streams():
+  """At participation_rate 1 every client holding data takes part, in order,
+  with the RNG streams it had before client sampling existed."""
+  from lorm_jax.federated import rng  # pylint: disable=import-outside-toplevel
+  np.testing.assert_array_equal(rng.participants(0, 1, 2, [5, 3, 7], 1.0), [0, 1, 2])
+  np.testing.assert_array_equal(rng.participants(0, 1, 2, [5, 0, 7], 1.0), [0, 2])
+  k = jax.random.key(3)
+  ids = rng.participants(0, 0, 0, [1] * 4, 1.0)
+  np.testing.assert_array_equal(jax.random.key_data(rng.client_keys(k, 4)),
+                                jax.random.key_data(rng.client_keys(k, ids)))
+  a = rng.numpy_rng(0, 'shuffle', 1, 2, 3).permutation(10)
+  b = rng.numpy_rng(0, 'shuffle', 1, 2, ids[3]).permutation(10)
+  np.testing.assert_array_equal(a, b)
+
+
+def test_participation_draw_is_seeded_and_skips_empty_clients():
+  from lorm_jax.federated import rng  # pylint: disable=import-outside-toplevel
+  sizes = [4, 0, 9, 3, 0, 8, 1, 2, 6, 5]
+  draws = [rng.participants(7, t, r, sizes, 0.5) for t in range(3) for r in range(4)]
+  assert all(len(d) == 4 and np.all(np.diff(d) > 0) for d in draws)   # round(0.5 * 8)
+  assert all(1 not in d and 4 not in d for d in draws)
+  assert len({tuple(d) for d in draws}) > 1                            # rounds differ
+  again = [rng.participants(7, t, r, sizes, 0.5) for t in range(3) for r in range(4)]
+  assert all(np.array_equal(x, y) for x, y in zip(draws, again))
+  assert len(rng.participants(7, 0, 0, [0, 0, 5], 0.01)) == 1          # at least one
+
+
+def test_half_participation_merges_exactly_the_drawn_clients_and_resumes(tmp_path, monkeypatch):
+  """participation_rate 0.5 of 3 clients: 2 per round. The merge sees exactly
+  the drawn clients (their sample counts as weights, nothing else); the draw
+  and the results are the same after a kill and resume."""
+  from lorm_jax.federated import rng  # pylint: disable=import-outside-toplevel
+  from lorm_jax.methods import lorm as lorm_lib  # pylint: disable=import-outside-toplevel
+  seen = []
+  original = lorm_lib.LoRM.aggregate
+
+  def recording(self, server, results, task, rnd):
+    seen.append((task, rnd, np.asarray(results.num_samples).tolist()))
+    return original(self, server, results, task, rnd)
+
+  monkeypatch.setattr(lorm_lib.LoRM, 'aggregate', recording)
+  cfg = smoke_config(participation_rate=0.5)
+  full = simulate.run(cfg, str(tmp_path / 'full'), progress=False)
+  exp = setup.build_experiment(cfg, str(tmp_path / 'probe'))
+  for task, rnd, weights in seen:
+    sizes = [len(ix) for ix in exp.split[task]]
+    ids = rng.participants(cfg.seed, task, rnd, sizes, 0.5)
+    assert len(ids) == 2
+    assert [w for w in weights if w > 0] == [float(sizes[i]) for i in ids]
+  lines = [json.loads(l) for l in open(tmp_path / 'full' / 'metrics.jsonl')]
+  drawn = [l['clients'] for l in lines if l['kind'] == 'round']
+  assert len(drawn) == 4 and all(len(d) == 2 for d in drawn)
+  workdir = str(tmp_path / 'resumed')
+  assert simulate.run(cfg, workdir, max_rounds=3, progress=False) == {}
+  assert _strip(simulate.run(cfg, workdir, progress=False)) == _strip(full)
+  lines = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+  assert [l['clients'] for l in lines if l['kind'] == 'round'] == drawn

@@ -5,12 +5,14 @@ is what makes a resumed run identical to an uninterrupted one.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import numpy as np
 
 # Purposes keep streams for different uses of the same round apart.
 PURPOSES = {'lora_init': 0, 'train': 1, 'gram': 2, 'task_gram': 3, 'head_init': 4,
-            'shuffle': 5, 'method': 6, 'stats': 7}
+            'shuffle': 5, 'method': 6, 'stats': 7, 'participants': 8}
 
 
 def key(seed: int, purpose: str, task: int = 0, rnd: int = 0) -> jax.Array:
@@ -20,9 +22,27 @@ def key(seed: int, purpose: str, task: int = 0, rnd: int = 0) -> jax.Array:
   return k
 
 
-def client_keys(k: jax.Array, num_clients: int) -> jax.Array:
-  """(C,) keys, client c's key = fold_in(k, c)."""
-  return jax.vmap(lambda c: jax.random.fold_in(k, c))(np.arange(num_clients))
+def client_keys(k: jax.Array, clients: int | Sequence[int]) -> jax.Array:
+  """(C,) keys, client c's key = fold_in(k, c), for clients 0..C-1 (an int)
+  or for the given client ids (a round's participants keep their own streams)."""
+  ids = np.arange(clients) if isinstance(clients, (int, np.integer)) else np.asarray(clients)
+  return jax.vmap(lambda c: jax.random.fold_in(k, c))(ids)
+
+
+def participants(seed: int, task: int, rnd: int, client_sizes: Sequence[int],
+                 rate: float) -> np.ndarray:
+  """Sorted ids of the clients that take part in round `rnd` of `task`.
+
+  Only clients holding data of the task are eligible; rate 1 takes all of
+  them; rate < 1 draws max(1, round(rate * eligible)) without replacement from
+  (seed, task, round) alone, so every process and every resume draws the same.
+  """
+  eligible = np.flatnonzero(np.asarray(client_sizes) > 0)
+  if rate >= 1.0:
+    return eligible
+  k = max(1, int(round(rate * len(eligible))))
+  picked = numpy_rng(seed, 'participants', task, rnd, 0).choice(eligible, k, replace=False)
+  return np.sort(picked)
 
 
 def numpy_rng(seed: int, purpose: str, task: int, rnd: int, client: int) -> np.random.Generator:

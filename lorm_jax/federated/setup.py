@@ -71,6 +71,7 @@ def validate_config(c: ConfigDict) -> None:
     need(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
          f'{name} must be an integer >= 0, got {v!r}')
   finite('beta', 0.0)
+  finite('participation_rate', 0.0, 1.0)
   for name in ('lr_head', 'lr_a', 'lr_b'):
     finite(name, 0.0)   # a too large one is caught as divergence (a non-finite loss)
   finite('weight_decay', 0.0, low_open=False)

@@ -265,8 +265,7 @@ def _run(config: ConfigDict, workdir: str, lock: checkpointing.WorkdirLock,
   while meta.task < num_tasks:
     t = meta.task
     class_mask = jnp.asarray(np.isin(np.arange(exp.num_classes), exp.task_classes[t]))
-    clients_t = exp.split[t]
-    num_samples = np.array([len(ix) for ix in clients_t], np.float32)
+    sizes_t = [len(ix) for ix in exp.split[t]]
     if not meta.task_begun:
       server = method.begin_task(server, t, rng.key(c.seed, 'lora_init', t))
       meta.task_begun = True
@@ -279,11 +278,17 @@ def _run(config: ConfigDict, workdir: str, lock: checkpointing.WorkdirLock,
         return {}
       r = meta.round
       t0 = time.time()
+      # Client sampling: the round's participants (all clients holding data of
+      # the task at participation_rate 1); each keeps its own RNG streams.
+      ids = rng.participants(c.seed, t, r, sizes_t, c.participation_rate)
+      clients_t = [exp.split[t][i] for i in ids]
+      num_samples = np.array([sizes_t[i] for i in ids], np.float32)
       spec = method.local_spec(t, r)
       idx, mask = batching.client_batch_plan(
           clients_t, c.batch_size, c.local_epochs,
-          lambda ci: rng.numpy_rng(c.seed, 'shuffle', t, r, ci), num_steps=fixed_steps(c.local_epochs))
-      keys = rng.client_keys(rng.key(c.seed, 'train', t, r), len(clients_t))
+          lambda ci: rng.numpy_rng(c.seed, 'shuffle', t, r, ids[ci]),
+          num_steps=fixed_steps(c.local_epochs))
+      keys = rng.client_keys(rng.key(c.seed, 'train', t, r), ids)
       deltas = method.train_deltas(server, t)
       frozen_train = runner.add_deltas(exp.params.frozen, deltas) if deltas else exp.params.frozen
       aux, ctx = method.train_aux(server, t), method.forward_ctx(server, t)
@@ -291,7 +296,7 @@ def _run(config: ConfigDict, workdir: str, lock: checkpointing.WorkdirLock,
                                              class_mask, aux, ctx)
       jax.block_until_ready(head_c)
       t_train = time.time() - t0
-      _check_finite('training loss', stats['loss_sum'], t, r, per_client=True)
+      _check_finite('training loss', stats['loss_sum'], t, r, clients=ids)
 
       request = method.gram_request(t, r)
       grams, head_grams = {}, None
@@ -300,21 +305,21 @@ def _run(config: ConfigDict, workdir: str, lock: checkpointing.WorkdirLock,
         gdeltas, b_scale = method.gram_model(server, t)
         frozen_gram = runner.add_deltas(exp.params.frozen, gdeltas) if gdeltas else exp.params.frozen
         gidx, gmask = batching.client_batch_plan(
-            clients_t, c.batch_size, 1, lambda ci: rng.numpy_rng(c.seed, 'gram', t, r, ci),
+            clients_t, c.batch_size, 1, lambda ci: rng.numpy_rng(c.seed, 'gram', t, r, ids[ci]),
             num_steps=fixed_steps(1))
-        gkeys = rng.client_keys(rng.key(c.seed, 'gram', t, r), len(clients_t))
+        gkeys = rng.client_keys(rng.key(c.seed, 'gram', t, r), ids)
         grams, head_grams = runner.grams(request, frozen_gram, a_c, b_c, head_c, b_scale,
                                          gidx, gmask, gkeys, shared=False)
       jax.block_until_ready(grams)
       t_gram = time.time() - t1
-      _check_finite('Gram', (grams, head_grams), t, r, per_client=True)
+      _check_finite('Gram', (grams, head_grams), t, r, clients=ids)
       t4 = time.time()
       stat_fn, client_stats = method.stats_request(t, r), None
       if stat_fn is not None:
         sidx, smask = batching.client_batch_plan(
-            clients_t, c.batch_size, 1, lambda ci: rng.numpy_rng(c.seed, 'stats', t, r, ci),
+            clients_t, c.batch_size, 1, lambda ci: rng.numpy_rng(c.seed, 'stats', t, r, ids[ci]),
             num_steps=fixed_steps(1))
-        skeys = rng.client_keys(rng.key(c.seed, 'stats', t, r), len(clients_t))
+        skeys = rng.client_keys(rng.key(c.seed, 'stats', t, r), ids)
         client_stats = runner.stats(stat_fn, frozen_train, a_c, b_c, head_c, aux, ctx, sidx,
                                     smask, skeys, class_mask)
       jax.block_until_ready(client_stats)
@@ -338,6 +343,7 @@ def _run(config: ConfigDict, workdir: str, lock: checkpointing.WorkdirLock,
       meta.merge_fallbacks += fallbacks
       seen = float(jnp.sum(stats['seen']))
       record = {'kind': 'round', 'task': t, 'round': r, 'factors': ''.join(spec.factors),
+                'clients': [int(i) for i in ids],
                 'train_loss': float(jnp.sum(stats['loss_sum'])) / max(seen, 1.0),
                 'train_accuracy': float(jnp.sum(stats['correct'])) / max(seen, 1.0),
                 'upload_bytes_per_client': up, 'download_bytes_per_client': down,
@@ -359,13 +365,15 @@ def _run(config: ConfigDict, workdir: str, lock: checkpointing.WorkdirLock,
     t3 = time.time()
     request = method.end_task_gram_request()
     task_grams = None
-    if request is not None:
+    if request is not None:  # by the last round's participants
+      ids = rng.participants(c.seed, t, rounds - 1, sizes_t, c.participation_rate)
+      clients_t = [exp.split[t][i] for i in ids]
       gdeltas, b_scale = method.gram_model(server, t)
       frozen_gram = runner.add_deltas(exp.params.frozen, gdeltas) if gdeltas else exp.params.frozen
       gidx, gmask = batching.client_batch_plan(
-          clients_t, c.batch_size, 1, lambda ci: rng.numpy_rng(c.seed, 'task_gram', t, 0, ci),
+          clients_t, c.batch_size, 1, lambda ci: rng.numpy_rng(c.seed, 'task_gram', t, 0, ids[ci]),
           num_steps=fixed_steps(1))
-      gkeys = rng.client_keys(rng.key(c.seed, 'task_gram', t), len(clients_t))
+      gkeys = rng.client_keys(rng.key(c.seed, 'task_gram', t), ids)
       per_client, _ = runner.grams(request, frozen_gram, server['a'], server['b'],
                                    server['head'], b_scale, gidx, gmask, gkeys, shared=True)
       task_grams = jax.tree.map(lambda x: jnp.sum(x, axis=0), per_client)
@@ -394,20 +402,23 @@ def _run(config: ConfigDict, workdir: str, lock: checkpointing.WorkdirLock,
   return results
 
 
-def _check_finite(what: str, tree: Any, task: int, rnd: int, per_client: bool = False) -> None:
+def _check_finite(what: str, tree: Any, task: int, rnd: int,
+                  clients: np.ndarray | None = None) -> None:
   """Raises DivergenceError (one line: task, round, client) if any leaf of tree
   is not finite; called before the round is saved, so no NaN reaches a checkpoint.
-  per_client: leaves have a leading client axis, and the first bad client is named."""
+  clients: the ids along the leaves' leading client axis; the first bad one is named."""
   leaves = [np.asarray(x) for x in jax.tree.leaves(tree)]
   bad = [x for x in leaves if not np.isfinite(x).all()]
   if not bad:
     return
   where = f'task {task}, round {rnd}'
-  if per_client:
-    clients = sorted({int(c) for x in bad
-                      for c in np.flatnonzero(~np.isfinite(x.reshape(x.shape[0], -1)).all(1))})
-    where += f', client {clients[0]}' + (f' (and {len(clients) - 1} more)' if len(clients) > 1
-                                          else '')
+  if clients is not None:
+    rows = sorted({int(c) for x in bad
+                   for c in np.flatnonzero(~np.isfinite(x.reshape(x.shape[0], -1)).all(1))})
+    rows = [i for i in rows if i < len(clients)]  # padded clients carry no data
+    if rows:
+      where += f', client {int(clients[rows[0]])}' + (
+          f' (and {len(rows) - 1} more)' if len(rows) > 1 else '')
   raise DivergenceError(f'non-finite {what} at {where}: the run diverged (a learning rate too '
                         'large?); nothing of this round was saved, the newest checkpoint holds the '
                         'last good one')
