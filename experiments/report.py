@@ -121,6 +121,7 @@ def local_table(results: list[dict]) -> str:
     acc = [100 * r['final_accuracy'] for r in rs]
     fgt = [100 * r['forgetting'] for r in rs]
     wall = np.mean([r['wall_seconds'] for r in rs])
+    epochs = '-' if epochs is None else epochs
     lines.append(f'| {m} | {d} | {beta} | {epochs} | {fmt(acc)} | {np.mean(fgt):.2f} | {wall:.0f} | '
                  f'{len(rs)} |')
   return '\n'.join(lines)
@@ -130,7 +131,8 @@ def runs_table(results: list[dict]) -> str:
   """One row per run of the embedded configs: final accuracy, the per-task
   row after the last task and the accuracy after each task (all %)."""
   pct = lambda xs: ', '.join('-' if x is None else f'{100 * x:.2f}' for x in xs)
-  rows = sorted((r for r in results if r['dataset'] not in BENCHMARKS),
+  rows = sorted((r for r in results if r['dataset'] not in BENCHMARKS
+                 and 'per_task_accuracy' in r and 'accuracy_per_task_end' in r),
                 key=lambda r: (str(r.get('local_epochs')), r['method'], r['seed']))
   lines = ['| method | local epochs | seed | final % | per task after the last task | '
            'after each task |', '|---|---|---|---|---|---|']

@@ -22,7 +22,7 @@ def test_report_groups_seeds_and_sets_published_numbers(tmp_path, capsys):
   text = (tmp_path / 'out' / 'report.md').read_text()
   assert '85.00 +- 7.07 (n=2) / 86.95 (-1.95)' in text
   assert 'no run / 72.48' in text  # LoRM on ImageNet-R: nothing run
-  assert '| fedavg | fashion_mnist | 0.5 | 50.00 |' in text
+  assert '| fedavg | fashion_mnist | 0.5 | - | 50.00 |' in text
   assert (tmp_path / 'out' / 'report.png').stat().st_size > 0
 
 
@@ -45,3 +45,18 @@ def test_sweep_skips_finished_runs(tmp_path, capsys):
               f'--root={tmp_path}', '--dry-run'])
   out = capsys.readouterr().out
   assert 'skip (done)' in out and 'lorm_seed1' in out and '--config.seed=1' in out
+
+
+def test_report_lists_runs_with_local_epochs_and_per_task_rows(tmp_path, capsys):
+  for seed, acc in ((42, 0.25), (1, 0.4)):
+    p = tmp_path / f'lorm_seed{seed}'
+    p.mkdir()
+    (p / 'results.json').write_text(json.dumps({
+        'method': 'lorm', 'dataset': 'fashion_mnist', 'beta': 0.5, 'seed': seed,
+        'final_accuracy': acc, 'forgetting': 0.1, 'wall_seconds': 10.0,
+        'per_task_accuracy': [0.5, acc], 'accuracy_per_task_end': [0.9, acc]}))
+    (p / 'config.json').write_text(json.dumps({'local_epochs': 5}))  # an older results.json
+  report.main([str(tmp_path / 'lorm_seed42'), str(tmp_path / 'lorm_seed1')])
+  out = capsys.readouterr().out
+  assert '| lorm | fashion_mnist | 0.5 | 5 | 32.50 +- 10.61 (n=2) |' in out
+  assert '| lorm | 5 | 42 | 25.00 | 50.00, 25.00 | 90.00, 25.00 |' in out
