@@ -4,9 +4,8 @@ Every error caused by what the user gave (a config value, a config file, a
 data set, weights, a split file, a workdir) is a `UserError` with a one-line
 message that says what is wrong and what to do. The entry points print it as
 `error: <message>` on stderr and exit with status 2; anything else is a
-programming error and keeps its traceback. `LORM_JAX_VERBOSE=1` (or
-`--verbose` where an entry point has it) shows the traceback of user errors
-too. docs/errors.md lists them.
+programming error and keeps its traceback. `LORM_JAX_VERBOSE=1` shows the
+traceback of user errors too. docs/errors.md lists them.
 """
 from __future__ import annotations
 

@@ -272,6 +272,9 @@ def test_workdir_of_another_run_is_refused(tmp_path):
   setup.check_workdir(smoke_config(seed=3, overwrite=True), str(tmp_path))
   setup.prepare_workdir(smoke_config(seed=3, overwrite=True), str(tmp_path))
   assert json.load(open(tmp_path / 'config.json'))['seed'] == 3
+  (tmp_path / 'metrics.jsonl').write_text('{}\n')
+  setup.prepare_workdir(smoke_config(seed=3, overwrite=True), str(tmp_path))  # same config
+  assert (tmp_path / 'metrics.jsonl').exists()   # overwrite wipes only another config's run
 
 
 def test_divergence_stops_before_anything_is_saved(tmp_path):

@@ -119,12 +119,18 @@ def check_workdir(c: ConfigDict, workdir: str) -> None:
   except (OSError, json.JSONDecodeError) as e:
     raise ConfigError(f'{path} is unreadable ({e}); use another --workdir or '
                       '--config.overwrite=True') from None
-  new = json.loads(c.to_json_best_effort())
-  old.pop('overwrite', None), new.pop('overwrite', None)
-  if old != new:
-    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+  diff = _config_diff(old, c)
+  if diff:
     raise ConfigError(f'{workdir} holds a run with a different config (differs in: '
                       f'{", ".join(diff)}); use another --workdir or --config.overwrite=True')
+
+
+def _config_diff(old: dict, c: ConfigDict) -> list[str]:
+  """Top-level keys where a workdir's config.json and c differ, `overwrite` aside."""
+  new = json.loads(c.to_json_best_effort())
+  old = {k: v for k, v in old.items() if k != 'overwrite'}
+  new.pop('overwrite', None)
+  return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 
 def prepare_workdir(c: ConfigDict, workdir: str) -> None:
@@ -134,8 +140,11 @@ def prepare_workdir(c: ConfigDict, workdir: str) -> None:
   path = os.path.join(workdir, 'config.json')
   text = c.to_json_best_effort(indent=2, sort_keys=True)
   if os.path.exists(path) and c.overwrite:
-    with open(path) as f:
-      same = f.read() == text
+    try:
+      with open(path) as f:
+        same = not _config_diff(json.load(f), c)
+    except (OSError, json.JSONDecodeError):
+      same = False   # an unreadable config.json: start afresh
     if not same:
       for name in os.listdir(workdir):  # start afresh
         full = os.path.join(workdir, name)
