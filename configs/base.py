@@ -48,4 +48,5 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.alpha_backbone = 0.0
   c.ridge = 1e-6
   c.schedule = 'per_round'       # per_round | per_task | b_only | a_only
+  c.lorm_ablation = ''           # diagnostics: '' | mean_deltas | mean_head | own_gram_model
   return c

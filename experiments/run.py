@@ -9,13 +9,16 @@ Rerunning the same command on the same workdir resumes from the last round.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from lorm_jax import errors
+from lorm_jax import errors, runtime
 from lorm_jax.federated import simulate
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder (results, checkpoints).')
 _MAX_ROUNDS = flags.DEFINE_integer('max_rounds', None, 'Stop after this many rounds (the '
                                    'checkpoint stays; rerun to continue).')
+_CPU_DEVICES = flags.DEFINE_integer('cpu_devices', 0, 'CPU devices to declare when JAX runs on '
+                                    'the CPU (0: one per available core; clients are spread '
+                                    'over them). Ignored on GPUs and TPUs.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -23,6 +26,8 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  runtime.set_cpu_devices(_CPU_DEVICES.value)
+  runtime.enable_compilation_cache()
   results = simulate.run(_CONFIG.value, _WORKDIR.value, max_rounds=_MAX_ROUNDS.value)
   if not results:
     print(f'stopped after {_MAX_ROUNDS.value} rounds; rerun to continue -> {_WORKDIR.value}')

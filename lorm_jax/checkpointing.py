@@ -29,10 +29,13 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state: Any, meta: dict) -> None:
+    """Copies state to the host and writes it in the background (orbax's async
+    save: the next round trains meanwhile; the next save or `close` waits for
+    it). A step becomes visible only once fully written, so a killed run
+    resumes from the last complete one."""
     state = jax.tree.map(np.asarray, state)
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
-    self.manager.wait_until_finished()
 
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
     step = self.latest_step() if step is None else step
@@ -73,6 +76,7 @@ class Checkpointer:
       self.manager.reload()
 
   def close(self) -> None:
+    self.manager.wait_until_finished()
     self.manager.close()
 
 

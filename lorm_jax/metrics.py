@@ -1,6 +1,7 @@
 """Continual-learning metrics and the JSON-lines metrics log."""
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import resource
@@ -95,6 +96,17 @@ class MetricsLog:
       return []
     with open(self.path) as f:
       return [json.loads(line) for line in f if line.strip()]
+
+
+def release_free_memory() -> None:
+  """Hands freed heap pages back to the OS (glibc's malloc_trim; a no-op
+  elsewhere). XLA's compilations and the round's temporaries free hundreds of
+  MB that glibc otherwise keeps mapped, so the process's resident size would
+  only ever grow over a run (BENCHMARKS.md, peak RSS)."""
+  try:
+    ctypes.CDLL('libc.so.6').malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
 
 
 def memory_record() -> dict[str, float]:

@@ -178,9 +178,10 @@ def test_padded_steps_and_samples_do_not_change_a_client():
   idx_p, mask_p = batching.client_batch_plan(own, 4, 2, rng, num_steps=9)  # 3 padded steps
   assert idx.shape == (1, 6, 4) and idx_p.shape == (1, 9, 4)
   assert mask[0, 2].tolist() == [1, 1, 1, 0]  # the partial last batch of an epoch
-  run = lambda i, m: client.local_train(fm, client.linear_head_forward, spec, pre, p.frozen,
-                                        a, b, head, images, labels, jnp.asarray(i[0]),
-                                        jnp.asarray(m[0]), jax.random.key(4), cm)
+  run = lambda i, m: client.local_train(
+      fm, client.linear_head_forward, spec, pre, frozen=p.frozen, a=a, b=b, head=head,
+      images=images, labels=labels, idx=jnp.asarray(i[0]), mask=jnp.asarray(m[0]),
+      key=jax.random.key(4), class_mask=cm)
   a1, b1, h1, s1 = run(idx, mask)
   a2, b2, h2, s2 = run(idx_p, mask_p)
   for x, y in zip(jax.tree.leaves((a1, b1, h1)), jax.tree.leaves((a2, b2, h2))):
@@ -195,6 +196,32 @@ def test_padded_steps_and_samples_do_not_change_a_client():
   assert not np.allclose(np.asarray(jax.tree.leaves(b1)[0]), 0.0)
   np.testing.assert_array_equal(np.asarray(jax.tree.leaves(a1)[0]),
                                 np.asarray(jax.tree.leaves(a)[0]))
+
+
+def test_half_batches_train_like_full_batches():
+  """A partial batch that fits in half a batch, run at half size (the CPU
+  path), trains the client as the full-size padded batch does."""
+  fm = _tiny_model()
+  p = fm.initial_params()
+  a, b = F.init_lora(jax.random.key(1), p.a, p.b)
+  head = F.init_head(jax.random.key(2), 16, 4)
+  images = jax.random.randint(jax.random.key(3), (40, 14, 14, 1), 0, 255).astype(jnp.uint8)
+  labels = jnp.arange(40, dtype=jnp.int32) % 2
+  pre_spec = augment.preset('fashion_mnist', 14, train=False)
+  pre = lambda k, x: augment.preprocess(k, x, pre_spec)
+  own = [np.arange(19)]   # batches of 8: 8, 8, 3 (fits in 4) per epoch
+  idx, mask = batching.client_batch_plan(own, 8, 2, lambda c: np.random.default_rng(0),
+                                         num_steps=8)
+  for factors in (('a',), ('b',)):
+    spec = client.LocalSpec(factors, 1e-2, 1e-2)
+    run = lambda half: client.local_train(
+        fm, client.linear_head_forward, spec, pre, half, frozen=p.frozen, a=a, b=b,
+        head=head, images=images, labels=labels, idx=jnp.asarray(idx[0]),
+        mask=jnp.asarray(mask[0]), key=jax.random.key(4), class_mask=jnp.arange(4) < 2)
+    full, half = run(False), run(True)
+    for x, y in zip(jax.tree.leaves(full), jax.tree.leaves(half)):
+      np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=2e-5, atol=1e-6)
+    assert float(half[3]['seen']) == 38 and int(half[3]['steps']) == 6
 
 
 def test_loss_ignores_other_tasks_classes():

@@ -295,3 +295,47 @@ def test_ccvr_server_keeps_old_tasks_components():
   np.testing.assert_allclose(np.asarray(got['mean'])[0, 2], 2.0)
   np.testing.assert_array_equal(np.asarray(got['seen']), [1, 1, 1, 1])
   assert m.stats_request(0, 0) is ccvr.class_feature_moments
+
+
+# ---------------------------------------------------------------- lorm ablations
+
+
+def _lorm_round_inputs(key, clients=3, d=6, r=2, k=4):
+  ks = jax.random.split(key, 6)
+  a = {'l': jax.random.normal(ks[0], (d, r))}
+  b = {'l': jax.random.normal(ks[1], (r, d))}
+  head = {'kernel': jax.random.normal(ks[2], (d, k)), 'bias': jnp.zeros(k)}
+  x = jax.random.normal(ks[3], (clients, 20, d))
+  results = ClientResults(
+      a={'l': jnp.broadcast_to(a['l'], (clients, d, r))},
+      b={'l': jax.random.normal(ks[4], (clients, r, d))},
+      head={'kernel': jax.random.normal(ks[5], (clients, d, k)), 'bias': jnp.ones((clients, k))},
+      grams={'l': jnp.sum(x ** 2, axis=1)}, head_grams=jnp.einsum('cni,cnj->cij', x, x),
+      num_samples=jnp.array([3.0, 1.0, 2.0]))
+  return {'a': a, 'b': b, 'head': head}, results
+
+
+def test_lorm_ablations_each_replace_one_piece_by_the_averaging_one():
+  base = make_method('lorm', _config())
+  params, results = _lorm_round_inputs(jax.random.key(0))
+  server = {**params, 'extra': {'P': {'l': jnp.ones((6, 6))}, 'Q': {'l': jnp.full((6,), 2.0)},
+                                'delta_sum': {'l': jnp.full((6, 6), 3.0)}}}
+  # mean_head: the head kernel is the sample-weighted mean, not RegMean.
+  plain, _ = base.aggregate(server, results, 0, 0)
+  ablated, _ = make_method('lorm', _config(lorm_ablation='mean_head')).aggregate(
+      server, results, 0, 0)
+  want = np.einsum('c,cij->ij', np.array([3, 1, 2]) / 6, np.asarray(results.head['kernel']))
+  np.testing.assert_allclose(np.asarray(ablated['head']['kernel']), want, rtol=1e-5)
+  assert not np.allclose(np.asarray(plain['head']['kernel']), want, rtol=1e-3)
+  np.testing.assert_array_equal(np.asarray(ablated['b']['l']), np.asarray(plain['b']['l']))
+  # mean_deltas: the evaluated model is W0 + delta_sum / (t + 1), not W0 + Q^-1 P.
+  deltas, _, _ = make_method('lorm', _config(lorm_ablation='mean_deltas')).eval_model(server, 2)
+  np.testing.assert_allclose(np.asarray(deltas['l']), 1.0)
+  deltas, _, _ = base.eval_model(server, 2)
+  np.testing.assert_allclose(np.asarray(deltas['l']), 0.5, rtol=1e-5)
+  # own_gram_model: the Gram pass runs W0 + a_i b_i (no earlier deltas, b unscaled).
+  assert make_method('lorm', _config(lorm_ablation='own_gram_model')).gram_model(server, 2) \
+      == ({}, 1.0)
+  deltas, scale = base.gram_model(server, 2)
+  assert scale == pytest.approx(1 / 3)
+  np.testing.assert_allclose(np.asarray(deltas['l']), 1.0)

@@ -242,6 +242,27 @@ def test_lora_product_custom_vjp_matches_autodiff():
                              rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize('approximate', [False, True])
+def test_gelu_custom_vjp_matches_float64(approximate):
+  """vit.gelu's value and saved derivative against float64 formulas (and autodiff)."""
+  x64 = np.linspace(-7.0, 7.0, 2001)
+  if approximate:
+    c = math.sqrt(2 / math.pi)
+    t = np.tanh(c * (x64 + 0.044715 * x64 ** 3))
+    y64 = 0.5 * x64 * (1 + t)
+    d64 = 0.5 * (1 + t) + 0.5 * x64 * (1 - t ** 2) * c * (1 + 3 * 0.044715 * x64 ** 2)
+  else:
+    cdf = 0.5 * (1 + np.vectorize(math.erf)(x64 / math.sqrt(2)))
+    y64 = x64 * cdf
+    d64 = cdf + x64 * np.exp(-x64 ** 2 / 2) / math.sqrt(2 * math.pi)
+  x = jnp.asarray(x64, jnp.float32)
+  grad = jax.grad(lambda x: jnp.sum(vit.gelu(x, approximate)))(x)
+  np.testing.assert_allclose(np.asarray(vit.gelu(x, approximate)), y64, atol=2e-6, rtol=2e-6)
+  np.testing.assert_allclose(np.asarray(grad), d64, atol=5e-6, rtol=2e-6)
+  auto = jax.grad(lambda x: jnp.sum(jax.nn.gelu(x, approximate=approximate)))(x)
+  np.testing.assert_allclose(np.asarray(grad), np.asarray(auto), atol=2e-6)
+
+
 def test_head_init_is_the_reference_timm_init():
   """Kernel ~ N(0, 0.02^2) (timm's trunc_normal_ with absolute bounds +-2,
   i.e. in effect untruncated), bias exactly 0; with 2 classes per task and

@@ -13,6 +13,7 @@ are live) are the same in training, statistics passes and prediction.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -119,17 +120,40 @@ def masked_cross_entropy(logits: jax.Array, labels: jax.Array, class_mask: jax.A
   return jnp.sum(nll * weights) / denom, correct
 
 
+def filled_step(w: jax.Array, carry: Any, update: Callable, half_batches: bool) -> tuple:
+  """One step over a front-filled batch with 0/1 mask w (B,) (batching.client_batch_plan).
+
+  update(carry, n) -> (carry, out) works on the batch's first n positions. A
+  batch without samples is skipped (carry unchanged, out zero); with
+  half_batches, a batch whose samples fit in its first half runs at n = B / 2
+  (the partial last batch of an epoch), else at n = B. Which branch runs is
+  a `lax.switch`: a real branch under `lax.map`, a select of all under vmap.
+  """
+  b = w.shape[0]
+  sizes = (b // 2, b) if half_batches and b % 2 == 0 else (b,)
+  out_shape = jax.eval_shape(lambda c: update(c, b)[1], carry)
+
+  def skip(c):
+    return c, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
+
+  count = jnp.sum(w > 0)
+  index = sum((count > n).astype(jnp.int32) for n in (0,) + sizes[:-1])
+  branches = [skip] + [functools.partial(lambda n, c: update(c, n), n) for n in sizes]
+  return jax.lax.switch(index, branches, carry)
+
+
 def local_train(model: FunctionalViT, forward_fn: ForwardFn, spec: LocalSpec,
-                preprocess: Preprocess, frozen: Flat, a: Flat, b: Flat, head: Flat,
-                images: jax.Array, labels: jax.Array, idx: jax.Array, mask: jax.Array,
-                key: jax.Array, class_mask: jax.Array, aux: Any = None, ctx: Any = None,
-                ) -> tuple[Flat, Flat, Flat, dict]:
+                preprocess: Preprocess, half_batches: bool = False, *, frozen: Flat, a: Flat,
+                b: Flat, head: Flat, images: jax.Array, labels: jax.Array, idx: jax.Array,
+                mask: jax.Array, key: jax.Array, class_mask: jax.Array, aux: Any = None,
+                ctx: Any = None) -> tuple[Flat, Flat, Flat, dict]:
   """One client's local training: scan over S steps of batch B.
 
   images (N, H, W, C) uint8 and labels (N,) int32 are the whole training
-  set; idx/mask (S, B) select this client's batches. Steps whose mask is all
-  zero leave parameters and optimizer state untouched. With spec.loss_term
-  the loss is the masked cross-entropy + loss_term(Batch(..., aux, ...)).
+  set; idx/mask (S, B) select this client's batches (front-filled, see
+  `filled_step`). Steps whose mask is all zero leave parameters and optimizer
+  state untouched. With spec.loss_term the loss is the masked cross-entropy +
+  loss_term(Batch(..., aux, ...)).
   Returns (a, b, head, stats) with stats = {loss_sum, correct, seen, steps}.
   """
   trainable, fixed = split_trainable(spec, a, b, head)
@@ -149,20 +173,15 @@ def local_train(model: FunctionalViT, forward_fn: ForwardFn, spec: LocalSpec,
   def step(carry, inputs):
     s, batch_idx, w = inputs
 
-    def update(carry):
+    def update(carry, n):
       params, opt_state = carry
-      x = preprocess(jax.random.fold_in(key, s), images[batch_idx])
-      y = labels[batch_idx]
-      (loss, correct), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, y, w)
+      x = preprocess(jax.random.fold_in(key, s), images[batch_idx])[:n]
+      y, wn = labels[batch_idx][:n], w[:n]
+      (loss, correct), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, y, wn)
       updates, opt_state = opt.update(grads, opt_state, params)
-      return (optax.apply_updates(params, updates), opt_state), (loss * jnp.sum(w), correct)
+      return (optax.apply_updates(params, updates), opt_state), (loss * jnp.sum(wn), correct)
 
-    def skip(carry):
-      return carry, (jnp.float32(0), jnp.float32(0))
-
-    # A real skip when clients run sequentially (lax.map); under vmap the
-    # cond becomes a select, and the padded step's update is discarded.
-    carry, (loss_sum, correct) = jax.lax.cond(jnp.sum(w) > 0, update, skip, carry)
+    carry, (loss_sum, correct) = filled_step(w, carry, update, half_batches)
     return carry, (loss_sum, correct, jnp.sum(w), jnp.sum(w) > 0)
 
   steps = jnp.arange(idx.shape[0])
@@ -181,34 +200,34 @@ def bind_forward(forward_fn: ForwardFn, model: FunctionalViT, frozen: Flat, ctx:
 
 
 def stats_pass(model: FunctionalViT, forward_fn: ForwardFn, preprocess: Preprocess,
-               stat_fn: StatFn, frozen: Flat, a: Flat, b: Flat, head: Flat, aux: Any, ctx: Any,
-               images: jax.Array, labels: jax.Array, idx: jax.Array, mask: jax.Array,
-               key: jax.Array, class_mask: jax.Array) -> Any:
+               stat_fn: StatFn, half_batches: bool = False, *, frozen: Flat, a: Flat, b: Flat,
+               head: Flat, aux: Any, ctx: Any, images: jax.Array, labels: jax.Array,
+               idx: jax.Array, mask: jax.Array, key: jax.Array, class_mask: jax.Array) -> Any:
   """Sums stat_fn(Batch) over a client's batches idx/mask (S, B); padded
   samples have weight 0 and all-padding steps are skipped. Returns the summed pytree."""
   forward = bind_forward(forward_fn, model, frozen, ctx)
   params = {'a': a, 'b': b, 'head': head}
 
-  def one(s, batch_idx, w):
-    x = preprocess(jax.random.fold_in(key, s), images[batch_idx])
+  def one(s, batch_idx, w, n):
+    x = preprocess(jax.random.fold_in(key, s), images[batch_idx])[:n]
     logits, feats = forward(a, b, head, x)
-    return stat_fn(Batch(params, aux, x, labels[batch_idx], w, logits, feats, class_mask,
-                         forward, ctx))
+    return stat_fn(Batch(params, aux, x, labels[batch_idx][:n], w[:n], logits, feats,
+                         class_mask, forward, ctx))
 
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                       jax.eval_shape(one, 0, idx[0], mask[0]))
+                       jax.eval_shape(lambda *a: one(*a, idx.shape[1]), 0, idx[0], mask[0]))
 
   def step(acc, inputs):
     s, batch_idx, w = inputs
-    add = lambda acc: jax.tree.map(jnp.add, acc, one(s, batch_idx, w))
-    return jax.lax.cond(jnp.sum(w) > 0, add, lambda acc: acc, acc), None
+    add = lambda acc, n: (jax.tree.map(jnp.add, acc, one(s, batch_idx, w, n)), None)
+    return filled_step(w, acc, add, half_batches)
 
   return jax.lax.scan(step, zeros, (jnp.arange(idx.shape[0]), idx, mask))[0]
 
 
 def gram_pass(model: FunctionalViT, preprocess: Preprocess, gram_mode: str | None,
-              head_gram: bool, frozen: Flat, a: Flat, b: Flat, head: Flat,
-              images: jax.Array, idx: jax.Array, mask: jax.Array, key: jax.Array,
+              head_gram: bool, half_batches: bool = False, *, frozen: Flat, a: Flat, b: Flat,
+              head: Flat, images: jax.Array, idx: jax.Array, mask: jax.Array, key: jax.Array,
               ) -> tuple[Flat, jax.Array | None]:
   """Sums the Grams of every LoRA layer's input over a client's batches.
 
@@ -227,23 +246,23 @@ def gram_pass(model: FunctionalViT, preprocess: Preprocess, gram_mode: str | Non
   def step(carry, inputs):
     s, batch_idx, w = inputs
 
-    def accumulate(carry):
+    def accumulate(carry, n):
       acc, hacc = carry
-      x = preprocess(jax.random.fold_in(key, s), images[batch_idx])
+      x = preprocess(jax.random.fold_in(key, s), images[batch_idx])[:n]
       _, g, hg = model.apply(frozen, a, b, head, x, gram_mode=gram_mode, head_gram=head_gram,
-                             sample_weights=w, features_only=not head_gram)
-      return {k: acc[k] + g[k] for k in acc}, (hacc + hg if head_gram else None)
+                             sample_weights=w[:n], features_only=not head_gram)
+      return ({k: acc[k] + g[k] for k in acc}, (hacc + hg if head_gram else None)), None
 
-    return jax.lax.cond(jnp.sum(w) > 0, accumulate, lambda carry: carry, carry), None
+    return filled_step(w, carry, accumulate, half_batches)
 
   steps = jnp.arange(idx.shape[0])
   (acc, hacc), _ = jax.lax.scan(step, init, (steps, idx, mask))
   return acc, hacc
 
 
-def predict(model: FunctionalViT, forward_fn: ForwardFn, preprocess: Preprocess, frozen: Flat,
-            a: Flat, b: Flat, head: Flat, ctx: Any, images: jax.Array, idx: jax.Array
-            ) -> jax.Array:
+def predict(model: FunctionalViT, forward_fn: ForwardFn, preprocess: Preprocess, *,
+            frozen: Flat, a: Flat, b: Flat, head: Flat, ctx: Any, images: jax.Array,
+            idx: jax.Array) -> jax.Array:
   """Logits (S, B, K) for the samples idx (S, B) of `images`; deterministic preprocessing."""
   key = jax.random.key(0)  # test-time preprocessing draws no randomness
   forward = bind_forward(forward_fn, model, frozen, ctx)

@@ -22,7 +22,7 @@ from ml_collections import ConfigDict
 from lorm_jax import checkpointing, methods
 from lorm_jax.data import augment, dataset as dataset_lib, partition, tfds_source
 from lorm_jax.errors import ConfigError
-from lorm_jax.methods.lorm import SCHEDULES
+from lorm_jax.methods.lorm import ABLATIONS, SCHEDULES
 from lorm_jax.models import checkpoints, functional as F, pretrained, vit
 
 
@@ -79,6 +79,8 @@ def validate_config(c: ConfigDict) -> None:
   finite('alpha_head', 0.0, 1.0, low_open=False)
   finite('alpha_backbone', 0.0, 1.0, low_open=False)
   need(c.schedule in SCHEDULES, f'unknown schedule {c.schedule!r}; expected one of {SCHEDULES}')
+  need(c.lorm_ablation in ABLATIONS,
+       f'unknown lorm_ablation {c.lorm_ablation!r}; expected one of {ABLATIONS}')
   need(c.model.dtype in ('float32', 'bfloat16'),
        f'model.dtype must be float32 or bfloat16, got {c.model.dtype!r}')
   need(c.client_mode in ('vmap', 'sequential'),

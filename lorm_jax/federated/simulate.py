@@ -3,7 +3,7 @@
   setup       validate the config, load data and weights, split clients
   for task:   begin_task (fresh LoRA) ...
     for round:
-      train     every client from the server state, vmapped over clients
+      train     every participant from the server state
       grams     the Gram pass through the method's Gram-pass model
       stats     a method's per-client statistic, if any (Fisher, prototypes)
       merge     the method's server update (lorm: closed-form merges)
@@ -11,15 +11,14 @@
     end_task  cross-task merge, evaluation on all seen classes, checkpoint
   results     results.json, plots
 
-Clients are processed in chunks of `clients_per_chunk` (padded with empty
-clients), each chunk one jitted vmapped call; with several devices the client
-axis of every chunk is sharded over a `clients` mesh axis and the frozen
-backbone is replicated.
+`federated_round` and `finish_task` are the two halves; every per-client
+pass goes through `Passes` to `runner.ClientRunner.map_clients`, which alone
+knows about jit, vmap or lax.map, chunks, padding and devices.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import functools
 import json
 import os
 import time
@@ -28,129 +27,89 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
 from lorm_jax import checkpointing, metrics, plotting
 from lorm_jax.errors import DivergenceError
 from lorm_jax.federated import batching, client, rng
+from lorm_jax.federated.runner import ClientRunner
 from lorm_jax.federated.setup import Experiment, build_experiment
 from lorm_jax.methods import ClientResults, GramRequest, Method
 from lorm_jax.models import functional as F
 
 
-class ClientRunner:
-  """Jitted, vmapped, chunked and (optionally) sharded client computations."""
+class Passes:
+  """The per-client passes of a round, each one `ClientRunner.map_clients` call.
 
-  def __init__(self, exp: Experiment, clients_per_chunk: int, mode: str = 'vmap'):
-    self.exp = exp
-    self.model = exp.model
-    n_dev = jax.device_count()
-    sequential = mode == 'sequential'
-    self.mesh = Mesh(np.array(jax.devices()), ('clients',)) if n_dev > 1 and not sequential else None
-    num_clients = max(len(clients) for clients in exp.split)  # 1 for a central method
-    chunk = max(1, min(clients_per_chunk, num_clients))
-    self.chunk = num_clients if sequential else -(-chunk // n_dev) * n_dev
-    model, pre_train, pre_test = exp.model, exp.preprocess_train, exp.preprocess_test
-    forward = exp.method.forward
+  Every pass takes a batch plan (`plan`): per client idx/mask (S, B) into the
+  training set and a PRNG key, drawn from (seed, purpose, task, round, client).
+  """
 
-    def over_clients(fn, in_axes, *args):
-      """vmap over the client axis, or (sequential) lax.map, which really skips
-      padded steps because their lax.cond is not turned into a select."""
-      if not sequential:
-        return jax.vmap(fn, in_axes=in_axes)(*args)
-      per_client = tuple(x for x, ax in zip(args, in_axes) if ax == 0)
-      def one(xs):
-        it = iter(xs)
-        return fn(*(next(it) if ax == 0 else x for x, ax in zip(args, in_axes)))
-      return jax.lax.map(one, per_client)
+  def __init__(self, exp: Experiment, runner: ClientRunner):
+    self.exp, self.runner = exp, runner
+    c = exp.config
+    # Sequential clients skip padded steps at run time, so every pass can use
+    # the run's largest step count: one compilation for the whole run. Vmapped
+    # clients compute padded steps, so they pad only to the pass's largest client.
+    self._max_client = max(len(ix) for clients in exp.split for ix in clients)
+    self._fixed_steps = runner.sequential
 
-    @functools.partial(jax.jit, static_argnames=('spec',))
-    def train(spec, frozen, a, b, head, images, labels, idx, mask, keys, class_mask, aux, ctx):
-      fn = functools.partial(client.local_train, model, forward, spec, pre_train)
-      return over_clients(fn, (None,) * 6 + (0, 0, 0, None, None, None), frozen, a, b, head,
-                          images, labels, idx, mask, keys, class_mask, aux, ctx)
+  def plan(self, purpose: str, task: int, rnd: int, ids: np.ndarray, epochs: int
+           ) -> tuple[dict, np.ndarray]:
+    """({'idx', 'mask', 'key'} with a leading client axis, work per client)
+    of the clients `ids` of a task: `epochs` shuffled passes over their data."""
+    c = self.exp.config
+    clients = [self.exp.split[task][i] for i in ids]
+    steps = (batching.steps_per_epoch(self._max_client, c.batch_size) * epochs
+             if self._fixed_steps else None)
+    idx, mask = batching.client_batch_plan(
+        clients, c.batch_size, epochs, lambda ci: rng.numpy_rng(c.seed, purpose, task, rnd, ids[ci]),
+        num_steps=steps)
+    keys = rng.client_keys(rng.key(c.seed, purpose, task, rnd), ids)
+    filled = mask.sum(-1)  # a step that fits in half a batch costs about half
+    work = np.where(filled > c.batch_size / 2, 1.0, np.where(filled > 0, 0.5, 0.0)).sum(-1)
+    return {'idx': idx, 'mask': mask, 'key': keys}, work
 
-    @functools.partial(jax.jit, static_argnames=('stat_fn',))
-    def stats(stat_fn, frozen, a, b, head, aux, ctx, images, labels, idx, mask, keys,
-              class_mask):
-      fn = functools.partial(client.stats_pass, model, forward, pre_train, stat_fn)
-      return over_clients(fn, (None, 0, 0, 0, None, None, None, None, 0, 0, 0, None), frozen,
-                          a, b, head, aux, ctx, images, labels, idx, mask, keys, class_mask)
+  def train(self, spec: client.LocalSpec, frozen: F.Flat, server: dict, plan: tuple,
+            class_mask: jax.Array, aux, ctx):
+    exp, runner = self.exp, self.runner
+    fn = runner.bind(client.local_train, exp.model, exp.method.forward, spec,
+                     exp.preprocess_train, runner.half_batches)
+    shared = dict(frozen=frozen, a=server['a'], b=server['b'], head=server['head'],
+                  images=exp.train_images, labels=exp.train_labels, class_mask=class_mask,
+                  aux=aux, ctx=ctx)
+    return runner.map_clients(fn, shared, plan[0], work=plan[1])
 
-    @functools.partial(jax.jit, static_argnames=('gram_mode', 'head_gram', 'shared'))
-    def grams(gram_mode, head_gram, shared, frozen, a, b, head, b_scale, images, idx, mask, keys):
-      fn = functools.partial(client.gram_pass, model, pre_train, gram_mode, head_gram)
-      b = jax.tree.map(lambda x: x * b_scale, b)
-      ax = None if shared else 0
-      return over_clients(fn, (None, ax, ax, ax, None, 0, 0, 0),
-                          frozen, a, b, head, images, idx, mask, keys)
+  def grams(self, request: GramRequest, frozen: F.Flat, params: dict, plan: tuple,
+            per_client: bool):
+    """Per-client Grams through frozen + params; params {'a', 'b', 'head'} are
+    the clients' own (leading client axis) or, per_client=False, the server's."""
+    exp, runner = self.exp, self.runner
+    fn = runner.bind(client.gram_pass, exp.model, exp.preprocess_train, request.backbone,
+                     request.head, runner.half_batches)
+    shared = dict(frozen=frozen, images=exp.train_images)
+    clients = dict(plan[0])
+    (clients if per_client else shared).update(params)
+    return runner.map_clients(fn, shared, clients, work=plan[1])
 
-    self._train, self._grams, self._stats = train, grams, stats
-    self.predict = jax.jit(functools.partial(client.predict, model, forward, pre_test))
-    self.add_deltas = jax.jit(F.add_kernel_deltas)
+  def stats(self, stat_fn: client.StatFn, frozen: F.Flat, params: dict, plan: tuple,
+            class_mask: jax.Array, aux, ctx):
+    """stat_fn sums per client, with the clients' own params {'a', 'b', 'head'}."""
+    exp, runner = self.exp, self.runner
+    fn = runner.bind(client.stats_pass, exp.model, exp.method.forward, exp.preprocess_train,
+                     stat_fn, runner.half_batches)
+    shared = dict(frozen=frozen, aux=aux, ctx=ctx, images=exp.train_images,
+                  labels=exp.train_labels, class_mask=class_mask)
+    return runner.map_clients(fn, shared, {**plan[0], **params}, work=plan[1])
 
-  def _shard(self, *arrays):
-    if self.mesh is None:
-      return arrays
-    sharding = NamedSharding(self.mesh, PartitionSpec('clients'))
-    return tuple(jax.device_put(x, sharding) for x in arrays)
-
-  def _chunks(self, idx: np.ndarray, mask: np.ndarray, keys: jax.Array):
-    idx, mask = batching.pad_clients(idx, mask, self.chunk)
-    pad = idx.shape[0] - keys.shape[0]
-    if pad:
-      keys = jnp.concatenate([keys, jax.random.split(jax.random.key(0), pad)])
-    for c0 in range(0, idx.shape[0], self.chunk):
-      sl = slice(c0, c0 + self.chunk)
-      yield self._shard(jnp.asarray(idx[sl]), jnp.asarray(mask[sl]), keys[sl])
-
-  @staticmethod
-  def _concat(parts):
-    return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *parts)
-
-  def train(self, spec: client.LocalSpec, frozen, server, idx, mask, keys, class_mask, aux,
-            ctx):
-    parts = []
-    for cidx, cmask, ckeys in self._chunks(idx, mask, keys):
-      parts.append(self._train(spec, frozen, server['a'], server['b'], server['head'],
-                               self.exp.train_images, self.exp.train_labels, cidx, cmask,
-                               ckeys, class_mask, aux, ctx))
-    return self._concat(parts)
-
-  def stats(self, stat_fn: client.StatFn, frozen, a, b, head, aux, ctx, idx, mask, keys,
-            class_mask):
-    """Per-client stat_fn sums with the clients' own a/b/head (leading axis C)."""
-    parts = []
-    for i, (cidx, cmask, ckeys) in enumerate(self._chunks(idx, mask, keys)):
-      sl = slice(i * self.chunk, (i + 1) * self.chunk)
-      ca, cb, ch = (jax.tree.map(lambda x: x[sl], t) for t in (a, b, head))
-      parts.append(self._stats(stat_fn, frozen, ca, cb, ch, aux, ctx, self.exp.train_images,
-                               self.exp.train_labels, cidx, cmask, ckeys, class_mask))
-    return self._concat(parts)
-
-  def grams(self, request: GramRequest, frozen, a, b, head, b_scale, idx, mask, keys,
-            shared: bool):
-    """Per-client Grams; `shared` means a/b/head are the server's (no client axis)."""
-    parts = []
-    for i, (cidx, cmask, ckeys) in enumerate(self._chunks(idx, mask, keys)):
-      if shared:
-        ca, cb, ch = a, b, head
-      else:
-        sl = slice(i * self.chunk, (i + 1) * self.chunk)
-        ca, cb, ch = (jax.tree.map(lambda x: x[sl], t) for t in (a, b, head))
-      parts.append(self._grams(request.backbone, request.head, shared, frozen, ca, cb, ch,
-                               b_scale, self.exp.train_images, cidx, cmask, ckeys))
-    return self._concat(parts)
-
-
-def _pad_clients_tree(tree, num: int):
-  """Pads leaves (C, ...) to (num, ...) with zeros (empty clients)."""
-  def pad(x):
-    extra = num - x.shape[0]
-    return x if extra == 0 else jnp.concatenate([x, jnp.zeros((extra,) + x.shape[1:], x.dtype)])
-  return jax.tree.map(pad, tree)
+  def predict(self, frozen: F.Flat, a: F.Flat, b: F.Flat, head: F.Flat, ctx,
+              idx: np.ndarray) -> jax.Array:
+    """Logits (S, B, K) of the test images idx (S, B), the S batches spread over devices."""
+    exp, runner = self.exp, self.runner
+    fn = runner.bind(client.predict, exp.model, exp.method.forward, exp.preprocess_test)
+    shared = dict(frozen=frozen, a=a, b=b, head=head, ctx=ctx, images=exp.test_images)
+    return runner.map_clients(fn, shared, {'idx': idx[:, None]})[:, 0]
 
 
 def comm_bytes_per_client(server: dict, spec: client.LocalSpec, request: GramRequest | None,
@@ -188,26 +147,34 @@ class RunMeta:
   wall_seconds: float = 0.0
 
 
-def evaluate(exp: Experiment, runner: ClientRunner, method: Method, server, task: int,
+def evaluate(exp: Experiment, passes: Passes, method: Method, server, task: int,
              eval_batch: int) -> tuple[float, np.ndarray]:
   """Accuracy on the test sets of tasks 0..task (logits restricted to seen classes)."""
   deltas, a, b = method.eval_model(server, task)
-  frozen = runner.add_deltas(exp.params.frozen, deltas) if deltas else exp.params.frozen
+  frozen = add_deltas(exp.params.frozen, deltas)
   seen = np.concatenate(exp.task_classes[:task + 1])
   test_idx = np.flatnonzero(np.isin(exp.test_labels_np, seen))
   n = len(test_idx)
-  padded = np.zeros(-(-n // eval_batch) * eval_batch, np.int32)
-  padded[:n] = test_idx
-  # Fixed-size batches, one at a time: a single compilation serves every task.
+  # Fixed-size batches, one per device and call: one compilation serves every task.
+  group = len(passes.runner.devices)
+  padded = np.zeros((-(-n // (eval_batch * group)) * group, eval_batch), np.int32)
+  padded.reshape(-1)[:n] = test_idx
   ctx = method.forward_ctx(server, task)
-  logits = [runner.predict(frozen, a, b, server['head'], ctx, exp.test_images,
-                           jnp.asarray(padded[i:i + eval_batch])[None])
-            for i in range(0, len(padded), eval_batch)]
+  logits = [passes.predict(frozen, a, b, server['head'], ctx, padded[i:i + group])
+            for i in range(0, len(padded), group)]
   logits = np.concatenate([np.asarray(x).reshape(-1, x.shape[-1]) for x in logits])[:n]
   seen_mask = np.zeros(exp.num_classes, bool)
   seen_mask[seen] = True
   return metrics.seen_class_accuracy(logits, exp.test_labels_np[test_idx], seen_mask,
                                      exp.task_of_label, task + 1)
+
+
+_add_kernel_deltas = jax.jit(F.add_kernel_deltas)
+
+
+def add_deltas(frozen: F.Flat, deltas: F.Flat) -> F.Flat:
+  """frozen with W0 + delta for every layer in deltas (frozen itself when none)."""
+  return _add_kernel_deltas(frozen, deltas) if deltas else frozen
 
 
 def run(config: ConfigDict, workdir: str, *, max_rounds: int | None = None,
@@ -230,7 +197,9 @@ def _run(config: ConfigDict, workdir: str, lock: checkpointing.WorkdirLock,
   exp = _apply_task_structure(build_experiment(config, workdir, lock))
   c = config
   method = exp.method
-  runner = ClientRunner(exp, c.clients_per_chunk, c.client_mode)
+  runner = ClientRunner(c.client_mode, c.clients_per_chunk)
+  exp = _replicate_inputs(exp, runner)
+  passes = Passes(exp, runner)
   ckpt = checkpointing.Checkpointer(workdir)
   log = metrics.MetricsLog(os.path.join(workdir, 'metrics.jsonl'))
 
@@ -242,6 +211,7 @@ def _run(config: ConfigDict, workdir: str, lock: checkpointing.WorkdirLock,
   if restored is not None:
     server = jax.tree.map(jnp.asarray, restored[0])
     meta = RunMeta(**restored[1])
+  server = runner.replicate(server)
   log.truncate(meta.metrics_lines)
   wall_before = meta.wall_seconds
 
@@ -249,14 +219,9 @@ def _run(config: ConfigDict, workdir: str, lock: checkpointing.WorkdirLock,
   bar = tqdm(total=num_tasks * rounds, initial=min(meta.task, num_tasks) * rounds + meta.round,
              unit='round', disable=not progress, desc=method.name, dynamic_ncols=True)
   rounds_this_call = 0
-  # Sequential clients skip padded steps at run time, so every round can use the
-  # run's largest step count: one compilation for the whole run. Vmapped clients
-  # compute padded steps, so they pad only to the round's largest client.
-  max_client = max(len(ix) for clients in exp.split for ix in clients)
-  fixed_steps = lambda epochs: (batching.steps_per_epoch(max_client, c.batch_size) * epochs
-                                if c.client_mode == 'sequential' else None)
 
   def save():
+    metrics.release_free_memory()
     meta.metrics_lines = log.lines
     meta.wall_seconds = wall_before + time.time() - t_start
     meta.step += 1
@@ -264,130 +229,35 @@ def _run(config: ConfigDict, workdir: str, lock: checkpointing.WorkdirLock,
 
   while meta.task < num_tasks:
     t = meta.task
-    class_mask = jnp.asarray(np.isin(np.arange(exp.num_classes), exp.task_classes[t]))
-    sizes_t = [len(ix) for ix in exp.split[t]]
     if not meta.task_begun:
-      server = method.begin_task(server, t, rng.key(c.seed, 'lora_init', t))
+      server = runner.replicate(method.begin_task(server, t, rng.key(c.seed, 'lora_init', t)))
       meta.task_begun = True
-
-    # ---- rounds ----------------------------------------------------------
     while meta.round < rounds:
       if max_rounds is not None and rounds_this_call >= max_rounds:
         bar.close()
         ckpt.close()
         return {}
-      r = meta.round
-      t0 = time.time()
-      # Client sampling: the round's participants (all clients holding data of
-      # the task at participation_rate 1); each keeps its own RNG streams.
-      ids = rng.participants(c.seed, t, r, sizes_t, c.participation_rate)
-      clients_t = [exp.split[t][i] for i in ids]
-      num_samples = np.array([sizes_t[i] for i in ids], np.float32)
-      spec = method.local_spec(t, r)
-      idx, mask = batching.client_batch_plan(
-          clients_t, c.batch_size, c.local_epochs,
-          lambda ci: rng.numpy_rng(c.seed, 'shuffle', t, r, ids[ci]),
-          num_steps=fixed_steps(c.local_epochs))
-      keys = rng.client_keys(rng.key(c.seed, 'train', t, r), ids)
-      deltas = method.train_deltas(server, t)
-      frozen_train = runner.add_deltas(exp.params.frozen, deltas) if deltas else exp.params.frozen
-      aux, ctx = method.train_aux(server, t), method.forward_ctx(server, t)
-      a_c, b_c, head_c, stats = runner.train(spec, frozen_train, server, idx, mask, keys,
-                                             class_mask, aux, ctx)
-      jax.block_until_ready(head_c)
-      t_train = time.time() - t0
-      _check_finite('training loss', stats['loss_sum'], t, r, clients=ids)
-
-      request = method.gram_request(t, r)
-      grams, head_grams = {}, None
-      t1 = time.time()
-      if request is not None:
-        gdeltas, b_scale = method.gram_model(server, t)
-        frozen_gram = runner.add_deltas(exp.params.frozen, gdeltas) if gdeltas else exp.params.frozen
-        gidx, gmask = batching.client_batch_plan(
-            clients_t, c.batch_size, 1, lambda ci: rng.numpy_rng(c.seed, 'gram', t, r, ids[ci]),
-            num_steps=fixed_steps(1))
-        gkeys = rng.client_keys(rng.key(c.seed, 'gram', t, r), ids)
-        grams, head_grams = runner.grams(request, frozen_gram, a_c, b_c, head_c, b_scale,
-                                         gidx, gmask, gkeys, shared=False)
-      jax.block_until_ready(grams)
-      t_gram = time.time() - t1
-      _check_finite('Gram', (grams, head_grams), t, r, clients=ids)
-      t4 = time.time()
-      stat_fn, client_stats = method.stats_request(t, r), None
-      if stat_fn is not None:
-        sidx, smask = batching.client_batch_plan(
-            clients_t, c.batch_size, 1, lambda ci: rng.numpy_rng(c.seed, 'stats', t, r, ids[ci]),
-            num_steps=fixed_steps(1))
-        skeys = rng.client_keys(rng.key(c.seed, 'stats', t, r), ids)
-        client_stats = runner.stats(stat_fn, frozen_train, a_c, b_c, head_c, aux, ctx, sidx,
-                                    smask, skeys, class_mask)
-      jax.block_until_ready(client_stats)
-      t_stats = time.time() - t4
-
-      t2 = time.time()
-      n_pad = jax.tree.leaves(head_c)[0].shape[0]
-      weights = jnp.asarray(np.pad(num_samples, (0, n_pad - len(num_samples))))
-      results = ClientResults(a_c, b_c, head_c, grams, head_grams, weights, client_stats)
-      server, info = method.aggregate(server, results, t, r)
-      jax.block_until_ready(server)
-      t_merge = time.time() - t2
-      _check_finite('merged server state', server, t, r)
-
-      up, down = comm_bytes_per_client(server, spec, request, exp.model)
-      down += F.tree_size_bytes((deltas, aux, ctx))  # what clients need besides a, b, head
-      up += F.tree_size_bytes(jax.tree.map(lambda x: x[0], client_stats))
-      meta.comm_up += up * len(clients_t)
-      meta.comm_down += down * len(clients_t)
-      fallbacks = int(info.get('merge_fallbacks', 0))
-      meta.merge_fallbacks += fallbacks
-      seen = float(jnp.sum(stats['seen']))
-      record = {'kind': 'round', 'task': t, 'round': r, 'factors': ''.join(spec.factors),
-                'clients': [int(i) for i in ids],
-                'train_loss': float(jnp.sum(stats['loss_sum'])) / max(seen, 1.0),
-                'train_accuracy': float(jnp.sum(stats['correct'])) / max(seen, 1.0),
-                'upload_bytes_per_client': up, 'download_bytes_per_client': down,
-                'merge_fallbacks': fallbacks, 'seconds_train': round(t_train, 3),
-                'train_gflops': round(seen * metrics.vit_train_flops(exp.model.cfg)
-                                      / max(t_train, 1e-9) / 1e9, 1),
-                'seconds_gram': round(t_gram, 3), 'seconds_stats': round(t_stats, 3),
-                'seconds_merge': round(t_merge, 4),
-                'seconds_round': round(time.time() - t0, 3), **metrics.memory_record()}
+      server, record = federated_round(exp, passes, server, t, meta.round)
+      meta.comm_up += record['upload_bytes_per_client'] * len(record['clients'])
+      meta.comm_down += record['download_bytes_per_client'] * len(record['clients'])
+      meta.merge_fallbacks += record['merge_fallbacks']
       log.write(record)
-      bar.set_postfix(task=t, steps=int(jnp.sum(stats['steps'])),
-                      loss=f"{record['train_loss']:.3f}", acc=f"{record['train_accuracy']:.3f}")
+      bar.set_postfix(task=t, steps=record.pop('_steps'), loss=f"{record['train_loss']:.3f}",
+                      acc=f"{record['train_accuracy']:.3f}")
       bar.update(1)
       meta.round += 1
       rounds_this_call += 1
       save()
 
-    # ---- end of task: cross-task merge and evaluation --------------------
-    t3 = time.time()
-    request = method.end_task_gram_request()
-    task_grams = None
-    if request is not None:  # by the last round's participants
-      ids = rng.participants(c.seed, t, rounds - 1, sizes_t, c.participation_rate)
-      clients_t = [exp.split[t][i] for i in ids]
-      gdeltas, b_scale = method.gram_model(server, t)
-      frozen_gram = runner.add_deltas(exp.params.frozen, gdeltas) if gdeltas else exp.params.frozen
-      gidx, gmask = batching.client_batch_plan(
-          clients_t, c.batch_size, 1, lambda ci: rng.numpy_rng(c.seed, 'task_gram', t, 0, ids[ci]),
-          num_steps=fixed_steps(1))
-      gkeys = rng.client_keys(rng.key(c.seed, 'task_gram', t), ids)
-      per_client, _ = runner.grams(request, frozen_gram, server['a'], server['b'],
-                                   server['head'], b_scale, gidx, gmask, gkeys, shared=True)
-      task_grams = jax.tree.map(lambda x: jnp.sum(x, axis=0), per_client)
-      meta.comm_up += len(clients_t) * F.tree_size_bytes(
-          jax.tree.map(lambda x: x[0], per_client))
-    _check_finite('end-of-task Gram', task_grams, t, rounds - 1)
-    server = method.end_task(server, t, task_grams)
-    _check_finite('cross-task merge', server, t, rounds - 1)
-    acc, per_task = evaluate(exp, runner, method, server, t, c.eval_batch_size)
+    t0 = time.time()
+    server, upload = finish_task(exp, passes, server, t)
+    meta.comm_up += upload
+    acc, per_task = evaluate(exp, passes, method, server, t, c.eval_batch_size)
     row = [float(x) for x in per_task] + [None] * (num_tasks - t - 1)
     meta.acc_matrix.append(row)
     meta.acc_after_task.append(acc)
     log.write({'kind': 'eval', 'task': t, 'accuracy': acc, 'per_task_accuracy': row[:t + 1],
-               'seconds_end_task': round(time.time() - t3, 3)})
+               'seconds_end_task': round(time.time() - t0, 3)})
     tqdm.write(f'[{method.name}] after task {t + 1}/{num_tasks}: accuracy on seen classes '
                f'{100 * acc:.2f}%')
     meta.task, meta.round, meta.task_begun = t + 1, 0, False
@@ -400,6 +270,118 @@ def _run(config: ConfigDict, workdir: str, lock: checkpointing.WorkdirLock,
     json.dump(results, f, indent=2, sort_keys=True)
   plotting.write_plots(workdir, results)
   return results
+
+
+def federated_round(exp: Experiment, passes: Passes, server: dict, t: int, r: int
+                    ) -> tuple[dict, dict]:
+  """One round of task t: the participants train from the server state, run the
+  method's Gram and statistics passes, and the server aggregates.
+
+  Returns the new server state and the round's metrics record (the record's
+  '_steps' is for the progress bar). Raises DivergenceError, before anything
+  is saved, on a non-finite loss, Gram or merged state.
+  """
+  c, method = exp.config, exp.method
+  timer = _Timer()
+  class_mask = jnp.asarray(np.isin(np.arange(exp.num_classes), exp.task_classes[t]))
+  # Client sampling: the round's participants (all clients holding data of the
+  # task at participation_rate 1); each keeps its own RNG streams.
+  sizes = [len(ix) for ix in exp.split[t]]
+  ids = rng.participants(c.seed, t, r, sizes, c.participation_rate)
+
+  with timer('train'):
+    spec = method.local_spec(t, r)
+    deltas = method.train_deltas(server, t)
+    frozen_train = add_deltas(exp.params.frozen, deltas)
+    aux, ctx = method.train_aux(server, t), method.forward_ctx(server, t)
+    a_c, b_c, head_c, stats = jax.block_until_ready(passes.train(
+        spec, frozen_train, server, passes.plan('shuffle', t, r, ids, c.local_epochs),
+        class_mask, aux, ctx))
+  _check_finite('training loss', stats['loss_sum'], t, r, clients=ids)
+
+  request, grams, head_grams = method.gram_request(t, r), {}, None
+  with timer('gram'):
+    if request is not None:
+      gdeltas, b_scale = method.gram_model(server, t)
+      params = {'a': a_c, 'b': jax.tree.map(lambda x: x * b_scale, b_c), 'head': head_c}
+      grams, head_grams = jax.block_until_ready(passes.grams(
+          request, add_deltas(exp.params.frozen, gdeltas), params,
+          passes.plan('gram', t, r, ids, 1), per_client=True))
+  _check_finite('Gram', (grams, head_grams), t, r, clients=ids)
+
+  stat_fn, client_stats = method.stats_request(t, r), None
+  with timer('stats'):
+    if stat_fn is not None:
+      client_stats = jax.block_until_ready(passes.stats(
+          stat_fn, frozen_train, {'a': a_c, 'b': b_c, 'head': head_c},
+          passes.plan('stats', t, r, ids, 1), class_mask, aux, ctx))
+
+  with timer('merge'):
+    weights = jnp.asarray(np.array([sizes[i] for i in ids], np.float32))
+    results = ClientResults(a_c, b_c, head_c, grams, head_grams, weights, client_stats)
+    server, info = method.aggregate(server, results, t, r)
+    server = jax.block_until_ready(passes.runner.replicate(server))
+  _check_finite('merged server state', server, t, r)
+
+  up, down = comm_bytes_per_client(server, spec, request, exp.model)
+  down += F.tree_size_bytes((deltas, aux, ctx))  # what clients need besides a, b, head
+  up += F.tree_size_bytes(jax.tree.map(lambda x: x[0], client_stats))
+  seen = float(jnp.sum(stats['seen']))
+  record = {'kind': 'round', 'task': t, 'round': r, 'factors': ''.join(spec.factors),
+            'clients': [int(i) for i in ids],
+            'train_loss': float(jnp.sum(stats['loss_sum'])) / max(seen, 1.0),
+            'train_accuracy': float(jnp.sum(stats['correct'])) / max(seen, 1.0),
+            'upload_bytes_per_client': up, 'download_bytes_per_client': down,
+            'merge_fallbacks': int(info.get('merge_fallbacks', 0)),
+            'seconds_train': round(timer['train'], 3),
+            'train_gflops': round(seen * metrics.vit_train_flops(exp.model.cfg)
+                                  / max(timer['train'], 1e-9) / 1e9, 1),
+            'seconds_gram': round(timer['gram'], 3), 'seconds_stats': round(timer['stats'], 3),
+            'seconds_merge': round(timer['merge'], 4),
+            'seconds_round': round(timer.total(), 3), **metrics.memory_record(),
+            '_steps': int(jnp.sum(stats['steps']))}
+  return server, record
+
+
+def finish_task(exp: Experiment, passes: Passes, server: dict, t: int) -> tuple[dict, int]:
+  """After the last round of task t: the method's end-of-task Gram pass (by the
+  last round's participants, with the server's factors) and its cross-task
+  merge. Returns the new server state and the bytes the clients uploaded."""
+  c, method = exp.config, exp.method
+  request, task_grams, upload = method.end_task_gram_request(), None, 0
+  if request is not None:
+    sizes = [len(ix) for ix in exp.split[t]]
+    ids = rng.participants(c.seed, t, c.rounds - 1, sizes, c.participation_rate)
+    gdeltas, b_scale = method.gram_model(server, t)
+    params = {'a': server['a'], 'b': jax.tree.map(lambda x: x * b_scale, server['b']),
+              'head': server['head']}
+    per_client, _ = passes.grams(request, add_deltas(exp.params.frozen, gdeltas), params,
+                                 passes.plan('task_gram', t, 0, ids, 1), per_client=False)
+    task_grams = jax.tree.map(lambda x: jnp.sum(x, axis=0), per_client)
+    upload = len(ids) * F.tree_size_bytes(jax.tree.map(lambda x: x[0], per_client))
+  _check_finite('end-of-task Gram', task_grams, t, c.rounds - 1)
+  server = passes.runner.replicate(method.end_task(server, t, task_grams))
+  _check_finite('cross-task merge', server, t, c.rounds - 1)
+  return server, upload
+
+
+class _Timer:
+  """Wall seconds of named phases: `with timer('train'): ...`, then timer['train']."""
+
+  def __init__(self):
+    self._start, self._seconds = time.time(), {}
+
+  @contextlib.contextmanager
+  def __call__(self, name: str):
+    t0 = time.time()
+    yield
+    self._seconds[name] = time.time() - t0
+
+  def __getitem__(self, name: str) -> float:
+    return self._seconds[name]
+
+  def total(self) -> float:
+    return time.time() - self._start
 
 
 def _check_finite(what: str, tree: Any, task: int, rnd: int,
@@ -422,6 +404,15 @@ def _check_finite(what: str, tree: Any, task: int, rnd: int,
   raise DivergenceError(f'non-finite {what} at {where}: the run diverged (a learning rate too '
                         'large?); nothing of this round was saved, the newest checkpoint holds the '
                         'last good one')
+
+
+def _replicate_inputs(exp: Experiment, runner: ClientRunner) -> Experiment:
+  """The data and parameters every pass reads, replicated over the devices once."""
+  rep, p = runner.replicate, exp.params
+  return dataclasses.replace(
+      exp, params=F.Params(rep(p.frozen), rep(p.a), rep(p.b), rep(p.head)),
+      train_images=rep(exp.train_images), train_labels=rep(exp.train_labels),
+      test_images=rep(exp.test_images))
 
 
 def _apply_task_structure(exp: Experiment) -> Experiment:

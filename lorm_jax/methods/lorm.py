@@ -20,6 +20,11 @@ from lorm_jax.methods.base import ClientResults, GramRequest, Method, Server
 from lorm_jax.models import functional as F
 
 SCHEDULES = ('per_round', 'per_task', 'b_only', 'a_only')
+# Diagnostics (config.lorm_ablation), each replacing one piece of LoRM by the
+# averaging baseline's: the evaluated model W0 + the plain mean of the task
+# deltas instead of W0 + Q^-1 P; the head's sample-weighted mean instead of
+# RegMean; the Gram-pass model W0 + a_i b_i instead of the mean-delta model.
+ABLATIONS = ('', 'mean_deltas', 'mean_head', 'own_gram_model')
 
 
 def trained_factor(schedule: str, task: int, rnd: int) -> str:
@@ -78,6 +83,8 @@ class LoRM(Method):
 
   def gram_model(self, server: Server, task: int) -> tuple[F.Flat, float]:
     """W0 + (t D_old + a b) / (t + 1), D_old = delta_sum / t: deltas and b scale."""
+    if self.config.lorm_ablation == 'own_gram_model':
+      return {}, 1.0
     scale = 1.0 / (task + 1)
     return {k: v * scale for k, v in server['extra']['delta_sum'].items()}, scale
 
@@ -94,8 +101,11 @@ class LoRM(Method):
       b, fb = merge.merge_b_tree(results.b, server['a'], results.grams, c.alpha_backbone,
                                  weights=present, ridge=c.ridge, return_info=True)
       a, fa = server['a'], 0
-    kernel, fh = merge.regmean(results.head['kernel'], results.head_grams, c.alpha_head,
-                               weights=present, ridge=c.ridge, return_info=True)
+    if c.lorm_ablation == 'mean_head':
+      kernel, fh = merge.fedavg(results.head['kernel'], results.num_samples), 0
+    else:
+      kernel, fh = merge.regmean(results.head['kernel'], results.head_grams, c.alpha_head,
+                                 weights=present, ridge=c.ridge, return_info=True)
     bias = merge.fedavg(results.head['bias'], results.num_samples)
     server = {**server, 'a': a, 'b': b, 'head': {'kernel': kernel, 'bias': bias}}
     return server, {'merge_fallbacks': _count(fa) + _count(fb) + _count(fh)}
@@ -111,7 +121,10 @@ class LoRM(Method):
 
   def eval_model(self, server: Server, task: int) -> tuple[F.Flat, F.Flat, F.Flat]:
     extra = server['extra']
-    deltas = merge.solve_psd_tree(extra['Q'], extra['P'], ridge=self.config.ridge)
+    if self.config.lorm_ablation == 'mean_deltas':
+      deltas = {k: v / (task + 1) for k, v in extra['delta_sum'].items()}
+    else:
+      deltas = merge.solve_psd_tree(extra['Q'], extra['P'], ridge=self.config.ridge)
     return deltas, server['a'], jax.tree.map(jnp.zeros_like, server['b'])
 
 

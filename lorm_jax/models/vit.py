@@ -19,6 +19,7 @@ part and the per-client trainable parts. All kernels use the Flax layout
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Literal, NamedTuple
 
@@ -186,6 +187,40 @@ def _lora_bwd(res, g):
 lora_product.defvjp(_lora_fwd, _lora_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def gelu(x: jax.Array, approximate: bool) -> jax.Array:
+  """`jax.nn.gelu`, whose backward pass multiplies by a derivative saved in the forward.
+
+  Autodiff's backward evaluates erf (or tanh) again from the saved input, and
+  XLA:CPU copies that chain into each fusion that consumes it; here the
+  forward computes y and dy/dx together and the backward is one multiply
+  (4% of a ViT-S/14 training step, docs/performance.md).
+  """
+  return jax.nn.gelu(x, approximate=approximate)
+
+
+def _gelu_fwd(x, approximate):
+  xf = x.astype(jnp.float32)
+  if approximate:  # 0.5 x (1 + tanh(c (x + 0.044715 x^3)))
+    c = math.sqrt(2.0 / math.pi)
+    t = jnp.tanh(c * (xf + 0.044715 * xf ** 3))
+    y = 0.5 * xf * (1.0 + t)
+    dy = 0.5 * (1.0 + t) + 0.5 * xf * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * xf * xf)
+  else:            # x Phi(x); d/dx = Phi(x) + x phi(x)
+    cdf = 0.5 * (1.0 + jax.lax.erf(xf * (1.0 / math.sqrt(2.0))))
+    y = xf * cdf
+    dy = cdf + xf * jnp.exp(-0.5 * xf * xf) * (1.0 / math.sqrt(2.0 * math.pi))
+  return y.astype(x.dtype), dy.astype(x.dtype)
+
+
+def _gelu_bwd(approximate, dy, g):
+  del approximate
+  return (g * dy,)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
+
 class LayerNorm(nnx.Module):
   def __init__(self, dim: int, eps: float):
     self.scale = nnx.Param(jnp.ones((dim,)))
@@ -230,7 +265,7 @@ class Mlp(nnx.Module):
     self.approximate = cfg.gelu_approximate
 
   def __call__(self, x, gram_mode=None, sample_weights=None):
-    x = jax.nn.gelu(self.fc1(x, gram_mode, sample_weights), approximate=self.approximate)
+    x = gelu(self.fc1(x, gram_mode, sample_weights), self.approximate)
     return self.fc2(x, gram_mode, sample_weights)
 
 

@@ -1,0 +1,67 @@
+"""Process-level set-up, done once before JAX starts its backends.
+
+`set_cpu_devices`: one CPU device per core.
+`enable_compilation_cache`: XLA programs cached on disk across runs.
+
+On a CPU, XLA runs one program at a time per device and splits only its
+larger operations over the cores, so the small matrices of a batch-16 ViT
+step leave cores idle (a training step of ViT-S/14 at 56 px reaches 56% of
+the 2-core matmul rate on one device). Declaring one CPU device per core lets
+the client runner put whole clients on different cores instead
+(`ClientRunner`, sequential mode, sharded with `shard_map`): measured 1.2x
+on the 2-core development machine (BENCHMARKS.md).
+
+A run compiles its programs (training steps, Gram passes, merges) in about
+35 s on that machine; with the persistent compilation cache a second run of
+the same shapes (another seed or method) loads most of them instead.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+
+from lorm_jax.models.pretrained import resolve_cache_dir
+
+_FORCE_FLAG = '--xla_force_host_platform_device_count'
+
+
+def available_cores() -> int:
+  """Cores this process may run on (its CPU affinity), at least 1."""
+  try:
+    return max(1, len(os.sched_getaffinity(0)))
+  except AttributeError:  # not Linux
+    return max(1, os.cpu_count() or 1)
+
+
+def set_cpu_devices(count: int) -> int:
+  """Makes the CPU backend expose `count` devices (0: one per available core).
+
+  Must run before any JAX computation; an explicit
+  --xla_force_host_platform_device_count in XLA_FLAGS wins. Accelerator
+  backends are unaffected (their devices stay the default). Returns the
+  count asked for.
+  """
+  if _FORCE_FLAG in os.environ.get('XLA_FLAGS', ''):
+    return -1
+  count = count or available_cores()
+  jax.config.update('jax_num_cpu_devices', count)
+  return count
+
+
+def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path | None:
+  """Turns on JAX's persistent compilation cache in `path` (default
+  $JAX_COMPILATION_CACHE_DIR, else xla/ in the weights' cache folder:
+  $LORM_JAX_CACHE or ~/.cache/lorm_jax), for programs that took at least a
+  second to compile.
+  Returns the folder, or None when it cannot be created."""
+  path = path or os.environ.get('JAX_COMPILATION_CACHE_DIR') or resolve_cache_dir() / 'xla'
+  path = Path(path).expanduser()
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+  except OSError:
+    return None
+  jax.config.update('jax_compilation_cache_dir', str(path))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+  return path
