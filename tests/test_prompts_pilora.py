@@ -10,6 +10,7 @@ from flax import nnx
 
 from configs import smoke
 from lorm_jax.methods import make_method
+from lorm_jax.methods import interface
 from lorm_jax.methods import pilora as PI
 from lorm_jax.methods import prompts as PR
 from lorm_jax.models import functional as F, vit
@@ -208,7 +209,7 @@ def test_pilora_loss_freezes_k_and_old_prototypes(fm):
 
   def loss(theta):
     logits, feats = forward(theta['a'], theta['b'], theta['head'], x)
-    return PI.pilora_loss(client.Batch(theta, aux, x, y, w, logits, feats, cm, forward, ctx))
+    return PI.pilora_loss(interface.Batch(theta, aux, x, y, w, logits, feats, cm, forward, ctx))
 
   g = jax.grad(loss)(params)
   gb = np.asarray(g['b'][PI.LAYER])

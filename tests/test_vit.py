@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lorm_jax.models import checkpoints as ckpt
+from lorm_jax.models import lora, npz, posemb
 from lorm_jax.models import vit
 
 CFG = vit.ViTConfig(image_size=32, patch_size=8, width=16, depth=2, num_heads=2, mlp_dim=32,
@@ -117,8 +117,8 @@ def test_lora_equals_merged_kernel():
 
 @pytest.mark.parametrize('cfg', [
     CFG,
-    vit.ViTConfig(**ckpt.dinov2_s14_config(num_classes=100, lora_rank=4)),
-    vit.ViTConfig(**ckpt.augreg_b16_config(num_classes=200, lora_rank=1)),
+    vit.architecture('dinov2_s14', num_classes=100, lora_rank=4),
+    vit.architecture('augreg_b16', num_classes=200, lora_rank=1),
 ], ids=['tiny', 's14', 'b16'])
 def test_trainable_parameter_counts(cfg):
   model = nnx.eval_shape(lambda: vit.ViT(cfg, rngs=nnx.Rngs(0)))
@@ -128,26 +128,26 @@ def test_trainable_parameter_counts(cfg):
   assert count(vit.HeadParam) == vit.head_param_count(cfg) == cfg.width * cfg.num_classes + cfg.num_classes
   shapes = {k: tuple(v.get_value().shape) for k, v in
             ((('.'.join(map(str, p))), v) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))}
-  assert shapes == ckpt.expected_shapes(cfg)
+  assert shapes == npz.expected_shapes(cfg)
 
 
-@pytest.mark.parametrize('method', ckpt.POSEMB_METHODS)
+@pytest.mark.parametrize('method', posemb.POSEMB_METHODS)
 def test_posemb_resample_round_trip(method):
   rng = np.random.default_rng(0)
   pos = rng.standard_normal((1, 1 + 4 * 4, 6)).astype(np.float32)
-  up = ckpt.resample_posemb(pos, 7, method)
+  up = posemb.resample_posemb(pos, 7, method)
   assert up.shape == (1, 1 + 7 * 7, 6)
-  back = ckpt.resample_posemb(up, 4, method)
+  back = posemb.resample_posemb(up, 4, method)
   assert back.shape == pos.shape
   np.testing.assert_array_equal(up[:, 0], pos[:, 0])
   np.testing.assert_array_equal(back[:, 0], pos[:, 0])
-  np.testing.assert_array_equal(ckpt.resample_posemb(pos, 4, method), pos)  # same grid: identity
+  np.testing.assert_array_equal(posemb.resample_posemb(pos, 4, method), pos)  # same grid: identity
   const = np.concatenate([pos[:, :1], np.full((1, 16, 6), 0.25, np.float32)], axis=1)
-  np.testing.assert_allclose(ckpt.resample_posemb(const, 9, method)[:, 1:], 0.25, atol=1e-5)
+  np.testing.assert_allclose(posemb.resample_posemb(const, 9, method)[:, 1:], 0.25, atol=1e-5)
   with pytest.raises(ValueError, match='not a square grid'):
-    ckpt.resample_posemb(pos[:, :-1], 3, method)
-  # the model-level function gives the same shapes
-  assert vit.resample_posemb(jnp.asarray(pos), 7).shape == (1, 50, 6)
+    posemb.resample_posemb(pos[:, :-1], 3, method)
+  with pytest.raises(ValueError, match='unknown posemb resample method'):
+    posemb.resample_posemb(pos, 7, 'lanczos')
 
 
 @nnx.jit
@@ -233,12 +233,12 @@ def test_lora_product_custom_vjp_matches_autodiff():
   a = jnp.asarray(rng.standard_normal((8, 2)), jnp.float32)
   b = jnp.asarray(rng.standard_normal((2, 6)), jnp.float32)
   w = jnp.asarray(rng.standard_normal((3, 5, 6)), jnp.float32)
-  ours = jax.grad(lambda x, a, b: jnp.sum(jnp.tanh(vit.lora_product(x, a, b)) * w),
+  ours = jax.grad(lambda x, a, b: jnp.sum(jnp.tanh(lora.lora_product(x, a, b)) * w),
                   argnums=(0, 1, 2))(x, a, b)
   ref = jax.grad(lambda x, a, b: jnp.sum(jnp.tanh((x @ a) @ b) * w), argnums=(0, 1, 2))(x, a, b)
   for o, r in zip(ours, ref):
     np.testing.assert_allclose(np.asarray(o), np.asarray(r), rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(np.asarray(vit.lora_product(x, a, b)), np.asarray((x @ a) @ b),
+  np.testing.assert_allclose(np.asarray(lora.lora_product(x, a, b)), np.asarray((x @ a) @ b),
                              rtol=1e-6, atol=1e-6)
 
 

@@ -330,8 +330,25 @@ def load_tfds_dataset(
   if resize_mode not in RESIZE_MODES:
     raise ValueError(f"resize_mode must be one of {RESIZE_MODES}")
   data_dir = default_data_dir() if data_dir is None else os.fspath(data_dir)
+  version_dir = _prepared_version_dir(f, data_dir, manual_dir)
+  builder, label_names, key_feature = _open_builder(f, version_dir, data_dir)
+  size = f.native_size if f.native_size is not None else store_size
+  parts = _record_parts(builder, f, key_feature)
+  parts, num_classes, class_names = _class_labels(f, parts, label_names, version_dir,
+                                                  data_dir, strict)
+  (tr_x, tr_y, tr_k), (te_x, te_y, te_k) = _decode_parts(f, parts, size, resize_mode,
+                                                         num_workers)
+  return Dataset(
+      name=f.name, train_images=tr_x, train_labels=tr_y, test_images=te_x,
+      test_labels=te_y, num_classes=num_classes, class_names=class_names,
+      train_keys=tr_k, test_keys=te_k)
+
+
+def _prepared_version_dir(f: DatasetFacts, data_dir: str, manual_dir: str | None) -> str:
+  """The prepared dataset's version folder; ImageNet-R/A are prepared from
+  manual_dir first when missing. DataError when neither is possible."""
   try:
-    version_dir = find_prepared_dir(f.name, data_dir)
+    return find_prepared_dir(f.name, data_dir)
   except DataError:
     if manual_dir is None:
       raise
@@ -341,8 +358,12 @@ def load_tfds_dataset(
           f"from manual_dir is only implemented for ImageNet-R/A; "
           f"{_how_to_prepare(f, data_dir)}") from None
     prepare_from_manual_dir(f.name, data_dir, manual_dir)
-    version_dir = find_prepared_dir(f.name, data_dir)
+    return find_prepared_dir(f.name, data_dir)
 
+
+def _open_builder(f: DatasetFacts, version_dir: str, data_dir: str):
+  """(tfds builder, label names, key feature or None), checking that the
+  prepared dataset has an image and a label feature and every needed split."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   try:
@@ -365,9 +386,13 @@ def load_tfds_dataset(
       raise DataError(
           f"{f.name}: split {s!r} missing in {version_dir} (has "
           f"{sorted(avail)}); {_how_to_prepare(f, data_dir)}")
-  size = f.native_size if f.native_size is not None else store_size
+  return builder, label_names, key_feature
 
-  parts = []  # (source, record ids, labels, keys) for train, test
+
+def _record_parts(builder, f: DatasetFacts, key_feature: str | None) -> list[tuple]:
+  """[(source, record ids, labels, keys)] for train and test: two tfds splits,
+  or the seeded holdout of one split (ImageNet-R/A, EuroSAT)."""
+  parts = []
   if f.holdout_from is not None:
     src = _open_source(builder, f.holdout_from, f.name)
     labels, keys = _read_meta(src, key_feature)
@@ -380,7 +405,14 @@ def load_tfds_dataset(
       src = _open_source(builder, s, f.name)
       labels, keys = _read_meta(src, key_feature)
       parts.append((src, np.arange(len(src)), labels, keys))
+  return parts
 
+
+def _class_labels(f: DatasetFacts, parts: list[tuple], label_names: tuple, version_dir: str,
+                  data_dir: str, strict: bool) -> tuple[list[tuple], int, tuple]:
+  """(parts with the benchmark's labels, number of classes, class names):
+  ImageNet ids compacted to 0..K-1 for ImageNet-R/A; DataError when classes
+  are missing (strict) or the count is not the benchmark's."""
   all_labels = np.concatenate([p[2] for p in parts])
   if f.imagenet_labels:
     compact, class_names = _compact_labels(all_labels, label_names)
@@ -409,7 +441,13 @@ def load_tfds_dataset(
             f"{f.name}: the {split} part of {version_dir} holds {got} of "
             f"{num_classes} classes; the prepared dataset is incomplete, "
             f"{_how_to_prepare(f, data_dir)}")
+  return parts, num_classes, class_names
 
+
+def _decode_parts(f: DatasetFacts, parts: list[tuple], size: int | None, resize_mode: str,
+                  num_workers: int | None) -> list[tuple]:
+  """[(uint8 (N, S, S, 3) images, int32 labels, keys or None)] per part,
+  decoded by a thread pool."""
   workers = num_workers or os.cpu_count() or 1
   out = []
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
@@ -420,11 +458,7 @@ def load_tfds_dataset(
       _decode_records(src, ids, images, size, resize_mode, pool, f.name)
       out.append((images, lab.astype(np.int32),
                   None if keys is None else np.asarray(keys, dtype=str)))
-  (tr_x, tr_y, tr_k), (te_x, te_y, te_k) = out
-  return Dataset(
-      name=f.name, train_images=tr_x, train_labels=tr_y, test_images=te_x,
-      test_labels=te_y, num_classes=num_classes, class_names=class_names,
-      train_keys=tr_k, test_keys=te_k)
+  return out
 
 
 def load_dataset(

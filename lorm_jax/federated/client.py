@@ -1,90 +1,31 @@
 """Per-client pure functions: local training, the Gram pass and prediction.
 
-Each function handles ONE client; `lorm_jax.federated.simulate` vmaps them
-over a leading client axis. Data never leaves the device: the whole uint8
+Each function handles ONE client; `runner.ClientRunner.map_clients` maps
+them over the round's clients. Data never leaves the device: the whole uint8
 training set is an input, a client's batches are index arrays (S, B) plus a
 0/1 mask (S, B), and augmentation runs inside the step.
 
-Parameters are the flat dicts of `lorm_jax.models.functional`. How a model
-turns images into logits is a method's `ForwardFn` (default
-`linear_head_forward`); its extra inputs `ctx` (e.g. which prompt components
-are live) are the same in training, statistics passes and prediction.
+Parameters are the flat dicts of `lorm_jax.models.functional`. What a method
+asks of a client (`LocalSpec`, a loss term or statistic over a `Batch`, its
+`ForwardFn`) is defined in `lorm_jax.methods.interface`.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from lorm_jax.methods.interface import (Batch, ForwardFn, LocalSpec, StatFn,
+                                        masked_cross_entropy)
 from lorm_jax.models.functional import Flat, FunctionalViT
 
 Preprocess = Callable[[jax.Array, jax.Array], jax.Array]  # (key, uint8 (B,H,W,C)) -> f32
+
+
 # (model, frozen, a, b, head, ctx, images (B,H,W,C)) -> (logits (B,K), features (B,D))
-ForwardFn = Callable[[FunctionalViT, Flat, Flat, Flat, Flat, Any, jax.Array],
-                     tuple[jax.Array, jax.Array]]
-
-
-def linear_head(head: Flat, feats: jax.Array) -> jax.Array:
-  """Logits (B, K) of the classifier {'kernel' (D, K), 'bias' (K,)} on feats (B, D)."""
-  return feats @ head['kernel'] + head['bias']
-
-
-def linear_head_forward(model: FunctionalViT, frozen: Flat, a: Flat, b: Flat, head: Flat,
-                        ctx: Any, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """W0 + a @ b, final-norm class token, linear head: x (B, H, W, C) ->
-  (logits (B, K), features (B, D)). ctx is unused."""
-  feats, _, _ = model.apply(frozen, a, b, head, x, features_only=True)
-  return linear_head(head, feats), feats
-
-
-class Batch(NamedTuple):
-  """What a method's loss term or statistic sees of one batch of one client."""
-  params: dict           # {'a', 'b', 'head'}: the client's current values
-  aux: Any               # Method.train_aux(server, task), the same for every client
-  x: jax.Array           # (B, H, W, C) preprocessed images
-  y: jax.Array           # (B,) int32 labels
-  w: jax.Array           # (B,) sample weights, 0 for padding
-  logits: jax.Array      # (B, K) with params
-  feats: jax.Array       # (B, D) final-norm class-token features with params
-  class_mask: jax.Array  # (K,) bool: the current task's classes
-  forward: Callable      # (a, b, head, x) -> (logits, feats): the method's forward
-                         # on the client's backbone (frozen and ctx bound)
-  ctx: Any = None        # Method.forward_ctx(server, task), what `forward` reads
-
-
-# A method's extra local loss (a scalar added to the masked cross-entropy), and
-# a per-client statistic (a pytree, summed over the client's batches).
-LossTerm = Callable[[Batch], jax.Array]
-StatFn = Callable[[Batch], Any]
-
-
-@dataclasses.dataclass(frozen=True)
-class LocalSpec:
-  """What a client trains in one round (static under jit).
-
-  factors: the LoRA factors trained this round, a subset of ('a', 'b'); the
-  others stay at the server's value. A fresh optimizer per round, as the
-  reference: 'adamw' (decoupled weight decay) or 'adam' (no decay; a method
-  that wants torch Adam's coupled L2 puts it in its loss term).
-  loss_term: an optional extra loss (a module-level function, so the spec
-  stays hashable) added to the cross-entropy; its data is `aux`.
-  cross_entropy: False drops the current-task cross-entropy from the loss
-  (a loss term then supplies the whole objective).
-  """
-  factors: tuple[str, ...]
-  lr_lora: float
-  lr_head: float
-  weight_decay: float = 0.0
-  train_head: bool = True
-  loss_term: LossTerm | None = None
-  optimizer: str = 'adamw'
-  cross_entropy: bool = True
-
-
 def make_optimizer(spec: LocalSpec) -> optax.GradientTransformation:
   """AdamW or Adam (default betas), one learning rate for LoRA and one for the head."""
   def labels(params):
@@ -104,20 +45,6 @@ def split_trainable(spec: LocalSpec, a: Flat, b: Flat, head: Flat) -> tuple[dict
   names = set(spec.factors) | ({'head'} if spec.train_head else set())
   return ({k: v for k, v in every.items() if k in names},
           {k: v for k, v in every.items() if k not in names})
-
-
-def masked_cross_entropy(logits: jax.Array, labels: jax.Array, class_mask: jax.Array,
-                         weights: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Cross-entropy over the classes in class_mask (K,) only; mean over weights (B,).
-
-  Returns (mean loss, number of correct predictions among weighted samples).
-  """
-  logits = jnp.where(class_mask[None, :], logits, -1e9)
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  nll = -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
-  denom = jnp.maximum(jnp.sum(weights), 1.0)
-  correct = jnp.sum((jnp.argmax(logits, -1) == labels) * weights)
-  return jnp.sum(nll * weights) / denom, correct
 
 
 def filled_step(w: jax.Array, carry: Any, update: Callable, half_batches: bool) -> tuple:

@@ -22,17 +22,7 @@ from ml_collections import ConfigDict
 from lorm_jax import checkpointing, methods
 from lorm_jax.data import augment, dataset as dataset_lib, partition, tfds_source
 from lorm_jax.errors import ConfigError
-from lorm_jax.methods.lorm import ABLATIONS, SCHEDULES
-from lorm_jax.models import checkpoints, functional as F, pretrained, vit
-
-
-# Architectures by name: kwargs of vit.ViTConfig (image_size/rank/classes added later).
-ARCHITECTURES: dict[str, Callable[[], dict]] = {
-    'dinov2_s14': checkpoints.dinov2_s14_config,
-    'augreg_b16': checkpoints.augreg_b16_config,
-    'tiny': lambda: dict(patch_size=7, width=64, depth=2, num_heads=2, mlp_dim=128,
-                         layerscale=True, ln_eps=1e-6, gelu_approximate=False),
-}
+from lorm_jax.models import functional as F, pretrained, vit
 
 
 def validate_config(c: ConfigDict) -> None:
@@ -61,8 +51,8 @@ def validate_config(c: ConfigDict) -> None:
     facts = tfds_source.facts(c.dataset.name)
   except Exception as e:  # the registry's own message names the known datasets
     raise ConfigError(str(e).splitlines()[0]) from None
-  need(c.model.name in ARCHITECTURES,
-       f'unknown model {c.model.name!r}; available: {", ".join(sorted(ARCHITECTURES))}')
+  need(c.model.name in vit.ARCHITECTURES,
+       f'unknown model {c.model.name!r}; available: {", ".join(sorted(vit.ARCHITECTURES))}')
   positive_int('model.rank', 'num_clients', 'num_tasks', 'rounds', 'local_epochs', 'batch_size',
                'clients_per_chunk', 'eval_batch_size', 'image_size', 'dataset.store_size')
   for name in ('dataset.train_per_class', 'dataset.test_per_class', 'min_samples', 'seed',
@@ -78,14 +68,15 @@ def validate_config(c: ConfigDict) -> None:
   finite('ridge', 0.0, 1.0)  # relative to the mean of a system's diagonal
   finite('alpha_head', 0.0, 1.0, low_open=False)
   finite('alpha_backbone', 0.0, 1.0, low_open=False)
-  need(c.schedule in SCHEDULES, f'unknown schedule {c.schedule!r}; expected one of {SCHEDULES}')
-  need(c.lorm_ablation in ABLATIONS,
-       f'unknown lorm_ablation {c.lorm_ablation!r}; expected one of {ABLATIONS}')
+  try:
+    methods.METHODS[c.method].validate(c)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   need(c.model.dtype in ('float32', 'bfloat16'),
        f'model.dtype must be float32 or bfloat16, got {c.model.dtype!r}')
   need(c.client_mode in ('vmap', 'sequential'),
        f"client_mode must be 'vmap' or 'sequential', got {c.client_mode!r}")
-  patch = ARCHITECTURES[c.model.name]()['patch_size']
+  patch = vit.ARCHITECTURES[c.model.name]['patch_size']
   need(c.image_size % patch == 0,
        f'image_size {c.image_size} is not a multiple of the {c.model.name} patch size {patch}')
   if c.split_file:
@@ -179,10 +170,8 @@ class Experiment:
 
 def build_model(c: ConfigDict, num_classes: int) -> vit.ViT:
   """The ViT of config.model with its pretrained weights loaded (or random)."""
-  kw = ARCHITECTURES[c.model.name]()
-  kw.update(image_size=c.image_size, num_classes=num_classes, lora_rank=c.model.rank,
-            dtype=c.model.dtype)
-  cfg = vit.ViTConfig(**kw)
+  cfg = vit.architecture(c.model.name, image_size=c.image_size, num_classes=num_classes,
+                         lora_rank=c.model.rank, dtype=c.model.dtype)
   try:
     cfg.validate()
   except ValueError as e:

@@ -32,7 +32,9 @@ from tqdm.auto import tqdm
 
 from lorm_jax import checkpointing, metrics, plotting
 from lorm_jax.errors import DivergenceError
-from lorm_jax.federated import batching, client, rng
+from lorm_jax import rng
+from lorm_jax.federated import batching, client
+from lorm_jax.methods import interface
 from lorm_jax.federated.runner import ClientRunner
 from lorm_jax.federated.setup import Experiment, build_experiment
 from lorm_jax.methods import ClientResults, GramRequest, Method
@@ -48,7 +50,6 @@ class Passes:
 
   def __init__(self, exp: Experiment, runner: ClientRunner):
     self.exp, self.runner = exp, runner
-    c = exp.config
     # Sequential clients skip padded steps at run time, so every pass can use
     # the run's largest step count: one compilation for the whole run. Vmapped
     # clients compute padded steps, so they pad only to the pass's largest client.
@@ -71,7 +72,7 @@ class Passes:
     work = np.where(filled > c.batch_size / 2, 1.0, np.where(filled > 0, 0.5, 0.0)).sum(-1)
     return {'idx': idx, 'mask': mask, 'key': keys}, work
 
-  def train(self, spec: client.LocalSpec, frozen: F.Flat, server: dict, plan: tuple,
+  def train(self, spec: interface.LocalSpec, frozen: F.Flat, server: dict, plan: tuple,
             class_mask: jax.Array, aux, ctx):
     exp, runner = self.exp, self.runner
     fn = runner.bind(client.local_train, exp.model, exp.method.forward, spec,
@@ -93,7 +94,7 @@ class Passes:
     (clients if per_client else shared).update(params)
     return runner.map_clients(fn, shared, clients, work=plan[1])
 
-  def stats(self, stat_fn: client.StatFn, frozen: F.Flat, params: dict, plan: tuple,
+  def stats(self, stat_fn: interface.StatFn, frozen: F.Flat, params: dict, plan: tuple,
             class_mask: jax.Array, aux, ctx):
     """stat_fn sums per client, with the clients' own params {'a', 'b', 'head'}."""
     exp, runner = self.exp, self.runner
@@ -112,7 +113,7 @@ class Passes:
     return runner.map_clients(fn, shared, {'idx': idx[:, None]})[:, 0]
 
 
-def comm_bytes_per_client(server: dict, spec: client.LocalSpec, request: GramRequest | None,
+def comm_bytes_per_client(server: dict, spec: interface.LocalSpec, request: GramRequest | None,
                           model: F.FunctionalViT) -> tuple[int, int]:
   """(upload, download) bytes of one client in one round, float32.
 

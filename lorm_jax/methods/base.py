@@ -33,33 +33,15 @@ the rest.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-from lorm_jax.federated.client import LocalSpec, StatFn, linear_head_forward
+from lorm_jax.methods.interface import (ClientResults, GramRequest, LocalSpec, Server, StatFn,
+                                        linear_head_forward)
 from lorm_jax.models import functional as F
-
-Server = dict[str, Any]
-
-
-class GramRequest(NamedTuple):
-  backbone: str | None  # 'diag', 'full' or None
-  head: bool
-
-
-class ClientResults(NamedTuple):
-  """Stacked over the client axis C (padded clients included, weight 0)."""
-  a: F.Flat        # {layer: (C, in, r)}
-  b: F.Flat        # {layer: (C, r, out)}
-  head: F.Flat     # {'kernel': (C, D, K), 'bias': (C, K)}
-  grams: F.Flat    # {layer: (C, in) or (C, in, in)} or {}
-  head_grams: jax.Array | None  # (C, D, D)
-  num_samples: jax.Array        # (C,) float32, 0 for padded clients
-  stats: Any = None             # stats_request's pytree, leaves (C, ...), or None
 
 
 @dataclasses.dataclass
@@ -70,6 +52,12 @@ class Method:
   # (model, frozen, a, b, head, ctx, x) -> (logits, feats); a module-level
   # function (static under jit), the same for training, statistics and evaluation.
   forward = staticmethod(linear_head_forward)
+
+  @classmethod
+  def validate(cls, config: ConfigDict) -> None:
+    """Raises ValueError (one line) for a value of config this method cannot
+    use; called with the rest of the config's validation, before any work.
+    Default: nothing method-specific to check."""
 
   # -- run structure ---------------------------------------------------------
   def task_structure(self, task_classes: list[np.ndarray], split: list[list[np.ndarray]]
@@ -135,7 +123,3 @@ class Method:
   def eval_model(self, server: Server, task: int) -> tuple[F.Flat, F.Flat, F.Flat]:
     """(kernel deltas, a, b) of the evaluated model; default: W0 + a @ b."""
     return {}, server['a'], server['b']
-
-
-def zeros_like_tree(tree):
-  return jax.tree.map(jnp.zeros_like, tree)

@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lorm_jax.federated import rng
-from lorm_jax.federated.client import Batch, StatFn
+from lorm_jax import rng
+from lorm_jax.methods.interface import Batch, StatFn
 from lorm_jax.methods.base import ClientResults, Server
 from lorm_jax.methods.continual import ContinualLoRA
 from lorm_jax.models import functional as F

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from lorm_jax import merge
-from lorm_jax.federated.client import Batch, LocalSpec, LossTerm, StatFn
+from lorm_jax.methods.interface import Batch, LocalSpec, LossTerm, StatFn
 from lorm_jax.methods.base import ClientResults, Method, Server
 from lorm_jax.models import functional as F
 

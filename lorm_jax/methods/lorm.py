@@ -13,9 +13,10 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from ml_collections import ConfigDict
 
 from lorm_jax import merge
-from lorm_jax.federated.client import LocalSpec
+from lorm_jax.methods.interface import LocalSpec
 from lorm_jax.methods.base import ClientResults, GramRequest, Method, Server
 from lorm_jax.models import functional as F
 
@@ -40,26 +41,21 @@ def trained_factor(schedule: str, task: int, rnd: int) -> str:
   raise ValueError(f'unknown schedule {schedule!r}; expected one of {SCHEDULES}')
 
 
-def regularize(gram: jax.Array, alpha: float) -> jax.Array:
-  """G~ = alpha G + (1 - alpha) diag(G) for a full (.., n, n) or diagonal (.., n) Gram."""
-  if gram.ndim >= 2 and gram.shape[-1] == gram.shape[-2] and alpha > 0:
-    diag = jnp.diagonal(gram, axis1=-2, axis2=-1)
-    return alpha * gram + (1 - alpha) * (diag[..., None] * jnp.eye(gram.shape[-1], dtype=gram.dtype))
-  return gram if gram.ndim == 1 or alpha > 0 else jnp.diagonal(gram, axis1=-2, axis2=-1)
-
-
-def gram_times(gram: jax.Array, x: jax.Array) -> jax.Array:
-  """G @ x for a diagonal (n,) or full (n, n) Gram and x (n, k)."""
-  return gram[:, None] * x if gram.ndim == 1 else gram @ x
-
-
 @dataclasses.dataclass
 class LoRM(Method):
   name: str = 'lorm'
 
+  @classmethod
+  def validate(cls, config: ConfigDict) -> None:
+    if config.schedule not in SCHEDULES:
+      raise ValueError(f'unknown schedule {config.schedule!r}; expected one of {SCHEDULES}')
+    if config.lorm_ablation not in ABLATIONS:
+      raise ValueError(f'unknown lorm_ablation {config.lorm_ablation!r}; expected one of '
+                       f'{ABLATIONS}')
+
   @property
   def backbone_gram_mode(self) -> str:
-    return 'diag' if self.config.alpha_backbone == 0 else 'full'
+    return merge.gram_mode(self.config.alpha_backbone)
 
   def init_extra(self, params: F.Params) -> dict:
     grams = {}
@@ -108,13 +104,14 @@ class LoRM(Method):
                                  weights=present, ridge=c.ridge, return_info=True)
     bias = merge.fedavg(results.head['bias'], results.num_samples)
     server = {**server, 'a': a, 'b': b, 'head': {'kernel': kernel, 'bias': bias}}
-    return server, {'merge_fallbacks': _count(fa) + _count(fb) + _count(fh)}
+    fallbacks = sum(merge.fallback_count(f) for f in (fa, fb, fh))
+    return server, {'merge_fallbacks': fallbacks}
 
   def end_task(self, server: Server, task: int, task_grams: F.Flat | None) -> Server:
     extra = server['extra']
     delta = F.lora_deltas(server['a'], server['b'])
-    g = {k: regularize(v, self.config.alpha_backbone) for k, v in task_grams.items()}
-    extra = {'P': {k: extra['P'][k] + gram_times(g[k], delta[k]) for k in delta},
+    g = {k: merge.regularize_gram(v, self.config.alpha_backbone) for k, v in task_grams.items()}
+    extra = {'P': {k: extra['P'][k] + merge.gram_times(g[k], delta[k]) for k in delta},
              'Q': {k: extra['Q'][k] + g[k] for k in delta},
              'delta_sum': {k: extra['delta_sum'][k] + delta[k] for k in delta}}
     return {**server, 'extra': extra}
@@ -126,10 +123,3 @@ class LoRM(Method):
     else:
       deltas = merge.solve_psd_tree(extra['Q'], extra['P'], ridge=self.config.ridge)
     return deltas, server['a'], jax.tree.map(jnp.zeros_like, server['b'])
-
-
-def _count(info) -> jax.Array:
-  if isinstance(info, int):
-    return jnp.int32(info)
-  leaves = jax.tree.leaves(info)
-  return sum(jnp.sum(x).astype(jnp.int32) for x in leaves) if leaves else jnp.int32(0)

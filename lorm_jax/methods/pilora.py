@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from lorm_jax import merge
-from lorm_jax.federated.client import Batch, LocalSpec, StatFn, masked_cross_entropy
+from lorm_jax.methods.interface import Batch, LocalSpec, StatFn, masked_cross_entropy
 from lorm_jax.methods.base import ClientResults, Method, Server
 from lorm_jax.methods.continual import class_feature_sums
 from lorm_jax.models import functional as F

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from lorm_jax import merge
-from lorm_jax.federated.client import LocalSpec, linear_head
+from lorm_jax.methods.interface import LocalSpec, linear_head
 from lorm_jax.methods.base import ClientResults, Method, Server
 from lorm_jax.models import functional as F
 from lorm_jax.models.vit import Prompting

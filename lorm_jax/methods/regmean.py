@@ -24,10 +24,9 @@ import jax
 import jax.numpy as jnp
 
 from lorm_jax import merge
-from lorm_jax.federated import rng
-from lorm_jax.federated.client import LocalSpec
+from lorm_jax import rng
+from lorm_jax.methods.interface import LocalSpec
 from lorm_jax.methods.base import ClientResults, GramRequest, Method, Server
-from lorm_jax.methods.lorm import _count, regularize
 from lorm_jax.models import functional as F
 
 
@@ -46,7 +45,7 @@ def lowrank_regmean_system(a: F.Flat, b: F.Flat, grams: F.Flat, weights: jax.Arr
   for k in a:
     g = grams[k]                                     # (C, in) diagonals or (C, in, in)
     if g.ndim == 3:
-      g = jax.vmap(lambda x: regularize(x, alpha))(g)  # (C, in, in), or (C, in) if alpha = 0
+      g = jax.vmap(lambda x: merge.regularize_gram(x, alpha))(g)  # (C, in, in), or (C, in) if alpha = 0
     wb = (slice(None),) + (None,) * (g.ndim - 1)
     g = jnp.where(present[wb], g * weights[wb], 0.0)
     ak = jnp.where(present[:, None, None], a[k], 0.0)
@@ -63,7 +62,7 @@ class RegMean(Method):
 
   @property
   def backbone_gram_mode(self) -> str:
-    return 'diag' if self.config.alpha_backbone == 0 else 'full'
+    return merge.gram_mode(self.config.alpha_backbone)
 
   def init_extra(self, params: F.Params) -> dict:
     return {'D': {k: jnp.zeros((params.a[k].shape[0], params.b[k].shape[1])) for k in params.a}}
@@ -97,7 +96,7 @@ class RegMean(Method):
     a, b = F.init_lora(rng.key(c.seed, 'method', task, rnd + 1), server['a'], server['b'])
     server = {**server, 'a': a, 'b': b, 'head': {'kernel': kernel, 'bias': bias},
               'extra': {'D': d}}
-    return server, {'merge_fallbacks': _count(fd) + _count(fh)}
+    return server, {'merge_fallbacks': merge.fallback_count(fd) + merge.fallback_count(fh)}
 
   def eval_model(self, server: Server, task: int) -> tuple[F.Flat, F.Flat, F.Flat]:
     return server['extra']['D'], server['a'], jax.tree.map(jnp.zeros_like, server['b'])

