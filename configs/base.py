@@ -29,6 +29,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.classes_per_task = 0         # 0 = num_classes / num_tasks
   c.num_clients = 10
   c.participation_rate = 1.0     # fraction of the task's clients drawn each round, (0, 1]
+  c.clients_per_round = 0        # > 0: draw this many each round instead (rate ignored)
   c.beta = 0.5                   # Dirichlet concentration
   c.min_samples = 6              # redraw a task's split until every client has this many
   c.split_seed = 0

@@ -70,8 +70,11 @@ class MetricsLog:
   killed-and-resumed run writes the same file as an uninterrupted one.
   """
 
-  def __init__(self, path: str):
+  def __init__(self, path: str, write: bool = True):
+    """write=False (a process other than the primary) keeps the line count
+    the primary's file has, without touching it."""
     self.path = path
+    self.enabled = write
     self.lines = 0
     if os.path.exists(path):
       with open(path) as f:
@@ -82,13 +85,15 @@ class MetricsLog:
     if os.path.exists(self.path):
       with open(self.path) as f:
         kept = [line for _, line in zip(range(n), f)]
-    with open(self.path, 'w') as f:
-      f.writelines(kept)
+    if self.enabled:
+      with open(self.path, 'w') as f:
+        f.writelines(kept)
     self.lines = len(kept)
 
   def write(self, record: dict[str, Any]) -> None:
-    with open(self.path, 'a') as f:
-      f.write(json.dumps(record, sort_keys=True) + '\n')
+    if self.enabled:
+      with open(self.path, 'a') as f:
+        f.write(json.dumps(record, sort_keys=True) + '\n')
     self.lines += 1
 
   def read(self) -> list[dict[str, Any]]:

@@ -30,17 +30,24 @@ def client_keys(k: jax.Array, clients: int | Sequence[int]) -> jax.Array:
 
 
 def participants(seed: int, task: int, rnd: int, client_sizes: Sequence[int],
-                 rate: float) -> np.ndarray:
+                 rate: float, count: int = 0) -> np.ndarray:
   """Sorted ids of the clients that take part in round `rnd` of `task`.
 
-  Only clients holding data of the task are eligible; rate 1 takes all of
-  them; rate < 1 draws max(1, round(rate * eligible)) without replacement from
-  (seed, task, round) alone, so every process and every resume draws the same.
+  Only clients holding data of the task are eligible. `count` > 0 draws
+  min(count, eligible) of them (FedJAX's clients per round); otherwise rate 1
+  takes all of them and rate < 1 draws max(1, round(rate * eligible)). Draws
+  are without replacement from (seed, task, round) alone, so every process
+  and every resume draws the same.
   """
   eligible = np.flatnonzero(np.asarray(client_sizes) > 0)
-  if rate >= 1.0:
+  if count > 0:
+    k = min(count, len(eligible))
+  elif rate >= 1.0:
     return eligible
-  k = max(1, int(round(rate * len(eligible))))
+  else:
+    k = max(1, int(round(rate * len(eligible))))
+  if k == len(eligible):
+    return eligible
   picked = numpy_rng(seed, 'participants', task, rnd, 0).choice(eligible, k, replace=False)
   return np.sort(picked)
 

@@ -2,6 +2,7 @@
 
 `set_cpu_devices`: one CPU device per core.
 `enable_compilation_cache`: XLA programs cached on disk across runs.
+`initialize_distributed`: several processes (hosts) as one JAX run.
 
 On a CPU, XLA runs one program at a time per device and splits only its
 larger operations over the cores, so the small matrices of a batch-16 ViT
@@ -65,3 +66,25 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path | No
   jax.config.update('jax_compilation_cache_dir', str(path))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
   return path
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+  """Joins this process to a multi-process JAX run (`jax.distributed.initialize`).
+
+  Arguments left None are detected by JAX where it can (SLURM, Open MPI,
+  Cloud TPU pods). CPU collectives go through gloo, so that the client sums
+  of the merges can be reduced across processes without accelerators. Every
+  process then sees all processes' devices in `jax.devices()`; the client
+  runner's mesh spans them, so each process trains its share of the round's
+  clients on its own devices.
+  """
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(coordinator_address, num_processes, process_id)
+
+
+def is_primary() -> bool:
+  """Whether this process writes the run's files (process 0; always true
+  for a single process)."""
+  return jax.process_index() == 0

@@ -459,6 +459,17 @@ def test_participation_draw_is_seeded_and_skips_empty_clients():
   assert len(rng.participants(7, 0, 0, [0, 0, 5], 0.01)) == 1          # at least one
 
 
+def test_clients_per_round_draws_a_fixed_count_among_eligible_clients():
+  from lorm_jax import rng  # pylint: disable=import-outside-toplevel
+  sizes = np.zeros(5000, int)
+  sizes[::7] = 3                                  # 715 clients hold data of the task
+  draws = [rng.participants(1, 0, r, sizes, 1.0, count=20) for r in range(5)]
+  assert all(len(d) == 20 and np.all(sizes[d] > 0) for d in draws)
+  assert len({tuple(d) for d in draws}) == 5
+  np.testing.assert_array_equal(rng.participants(1, 0, 3, sizes, 0.1, count=20), draws[3])
+  np.testing.assert_array_equal(rng.participants(1, 0, 0, [2, 0, 1], 1.0, count=20), [0, 2])
+
+
 def test_half_participation_merges_exactly_the_drawn_clients_and_resumes(tmp_path, monkeypatch):
   """participation_rate 0.5 of 3 clients: 2 per round. The merge sees exactly
   the drawn clients (their sample counts as weights, nothing else); the draw

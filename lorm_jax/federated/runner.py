@@ -63,6 +63,23 @@ def _pad_rows(x: jax.Array, rows: int) -> jax.Array:
   return jnp.concatenate([x, jnp.zeros((extra,) + x.shape[1:], x.dtype)])
 
 
+def _put(tree: Any, sharding: NamedSharding) -> Any:
+  """jax.device_put(tree, sharding). With several processes, an array held by
+  this process alone goes through the host (every process computed the same
+  value), as multi-process JAX places only host data or global arrays."""
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+
+  def one(x):
+    if isinstance(x, jax.Array) and x.is_fully_addressable:
+      if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        data = one(np.asarray(jax.random.key_data(x)))
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+      x = np.asarray(x)
+    return jax.device_put(x, sharding)
+  return jax.tree.map(one, tree)
+
+
 class ClientRunner:
   """Jitted per-client passes, vmapped or mapped, chunked and sharded."""
 
@@ -109,12 +126,21 @@ class ClientRunner:
     sharded client axis are cross-device reductions."""
     if self.mesh is None:
       return tree
-    return jax.device_put(tree, NamedSharding(self.mesh, PartitionSpec()))
+    return _put(tree, NamedSharding(self.mesh, PartitionSpec()))
+
+  def host(self, tree: Any) -> Any:
+    """tree as numpy arrays; arrays sharded over several processes are
+    gathered first (a process can only read what it holds)."""
+    def one(x):
+      if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        x = jax.device_put(x, NamedSharding(self.mesh, PartitionSpec()))
+      return np.asarray(x)
+    return jax.tree.map(one, tree)
 
   def _place(self, per_client: dict) -> dict:
     if self.mesh is None:
       return per_client
-    return jax.device_put(per_client, NamedSharding(self.mesh, PartitionSpec('clients')))
+    return _put(per_client, NamedSharding(self.mesh, PartitionSpec('clients')))
 
   def chunk_size(self, num_clients: int) -> int:
     """Clients per call: all of them (sequential) or clients_per_chunk, rounded

@@ -56,7 +56,7 @@ def validate_config(c: ConfigDict) -> None:
   positive_int('model.rank', 'num_clients', 'num_tasks', 'rounds', 'local_epochs', 'batch_size',
                'clients_per_chunk', 'eval_batch_size', 'image_size', 'dataset.store_size')
   for name in ('dataset.train_per_class', 'dataset.test_per_class', 'min_samples', 'seed',
-               'split_seed', 'classes_per_task'):
+               'split_seed', 'classes_per_task', 'clients_per_round'):
     v = _get(c, name)
     need(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
          f'{name} must be an integer >= 0, got {v!r}')
@@ -194,14 +194,18 @@ def build_model(c: ConfigDict, num_classes: int) -> vit.ViT:
 
 
 def build_experiment(c: ConfigDict, workdir: str,
-                     lock: checkpointing.WorkdirLock | None = None) -> Experiment:
+                     lock: checkpointing.WorkdirLock | None = None,
+                     write: bool = True) -> Experiment:
   """Checks everything (config, workdir, data, split, weights) before writing
   anything to workdir, so a refused run leaves it as it was; `lock` (held by
-  the caller) is taken at once on an existing workdir, else once it is made."""
+  the caller) is taken at once on an existing workdir, else once it is made.
+  write=False (the other processes of a multi-process run) leaves the
+  workdir to the process that writes it."""
   validate_config(c)
   if lock is not None:
     lock.acquire_if_exists()
-  check_workdir(c, workdir)
+  if write:
+    check_workdir(c, workdir)
 
   # Data: fail fast if missing, before the weights.
   ds = tfds_source.load_dataset(c.dataset.name, c.dataset.data_dir or None,
@@ -229,10 +233,11 @@ def build_experiment(c: ConfigDict, workdir: str,
                                       c.beta, c.split_seed, min_samples=c.min_samples,
                                       classes_per_task=c.classes_per_task or None)
   model = build_model(c, ds.num_classes)
-  prepare_workdir(c, workdir)
-  if lock is not None:
-    lock.acquire()
-  partition.save_split(os.path.join(workdir, 'split.json'), split)
+  if write:
+    prepare_workdir(c, workdir)
+    if lock is not None:
+      lock.acquire()
+    partition.save_split(os.path.join(workdir, 'split.json'), split)
   fmodel = F.FunctionalViT(model)
   name = c.dataset.preprocess or c.dataset.name
   spec_train = augment.preset(name, c.image_size, train=True, augment=c.augment)

@@ -30,7 +30,7 @@ import numpy as np
 from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
-from lorm_jax import checkpointing, metrics, plotting
+from lorm_jax import checkpointing, metrics, plotting, runtime
 from lorm_jax.errors import DivergenceError
 from lorm_jax import rng
 from lorm_jax.federated import batching, client
@@ -163,7 +163,8 @@ def evaluate(exp: Experiment, passes: Passes, method: Method, server, task: int,
   ctx = method.forward_ctx(server, task)
   logits = [passes.predict(frozen, a, b, server['head'], ctx, padded[i:i + group])
             for i in range(0, len(padded), group)]
-  logits = np.concatenate([np.asarray(x).reshape(-1, x.shape[-1]) for x in logits])[:n]
+  logits = np.concatenate([x.reshape(-1, x.shape[-1])
+                           for x in passes.runner.host(logits)])[:n]
   seen_mask = np.zeros(exp.num_classes, bool)
   seen_mask[seen] = True
   return metrics.seen_class_accuracy(logits, exp.test_labels_np[test_idx], seen_mask,
@@ -185,30 +186,37 @@ def run(config: ConfigDict, workdir: str, *, max_rounds: int | None = None,
   max_rounds: stop after this many rounds in this call (for kill/resume tests);
   returns {} if stopped early.
   """
-  lock = checkpointing.WorkdirLock(workdir)
+  # In a multi-process run every process runs this loop; process 0 alone
+  # holds the workdir and writes metrics, results and plots (checkpoints go
+  # through orbax's multi-process save).
+  primary = runtime.is_primary()
+  lock = checkpointing.WorkdirLock(workdir) if primary else None
   try:
-    return _run(config, workdir, lock, max_rounds, progress)
+    return _run(config, workdir, lock, max_rounds, progress and primary)
   finally:
-    lock.release()
+    if lock is not None:
+      lock.release()
 
 
-def _run(config: ConfigDict, workdir: str, lock: checkpointing.WorkdirLock,
+def _run(config: ConfigDict, workdir: str, lock: checkpointing.WorkdirLock | None,
          max_rounds: int | None, progress: bool) -> dict[str, Any]:
   t_start = time.time()
-  exp = _apply_task_structure(build_experiment(config, workdir, lock))
+  primary = lock is not None
+  exp = _apply_task_structure(build_experiment(config, workdir, lock, write=primary))
   c = config
   method = exp.method
   runner = ClientRunner(c.client_mode, c.clients_per_chunk)
   exp = _replicate_inputs(exp, runner)
   passes = Passes(exp, runner)
   ckpt = checkpointing.Checkpointer(workdir)
-  log = metrics.MetricsLog(os.path.join(workdir, 'metrics.jsonl'))
+  log = metrics.MetricsLog(os.path.join(workdir, 'metrics.jsonl'), write=primary)
+  say = tqdm.write if primary else (lambda _: None)
 
   server = method.init_server(exp.params, F.init_head(rng.key(c.seed, 'head_init'),
                                                       exp.model.cfg.width, exp.num_classes),
                               rng.key(c.seed, 'lora_init', 0))
   meta = RunMeta()
-  restored = ckpt.restore_newest_readable(server, warn=tqdm.write)
+  restored = ckpt.restore_newest_readable(server, warn=say)
   if restored is not None:
     server = jax.tree.map(jnp.asarray, restored[0])
     meta = RunMeta(**restored[1])
@@ -259,17 +267,18 @@ def _run(config: ConfigDict, workdir: str, lock: checkpointing.WorkdirLock,
     meta.acc_after_task.append(acc)
     log.write({'kind': 'eval', 'task': t, 'accuracy': acc, 'per_task_accuracy': row[:t + 1],
                'seconds_end_task': round(time.time() - t0, 3)})
-    tqdm.write(f'[{method.name}] after task {t + 1}/{num_tasks}: accuracy on seen classes '
-               f'{100 * acc:.2f}%')
+    say(f'[{method.name}] after task {t + 1}/{num_tasks}: accuracy on seen classes '
+        f'{100 * acc:.2f}%')
     meta.task, meta.round, meta.task_begun = t + 1, 0, False
     save()
 
   bar.close()
   ckpt.close()
   results = _results(exp, c, meta, wall_before + time.time() - t_start)
-  with open(os.path.join(workdir, 'results.json'), 'w') as f:
-    json.dump(results, f, indent=2, sort_keys=True)
-  plotting.write_plots(workdir, results)
+  if primary:
+    with open(os.path.join(workdir, 'results.json'), 'w') as f:
+      json.dump(results, f, indent=2, sort_keys=True)
+    plotting.write_plots(workdir, results)
   return results
 
 
@@ -288,7 +297,7 @@ def federated_round(exp: Experiment, passes: Passes, server: dict, t: int, r: in
   # Client sampling: the round's participants (all clients holding data of the
   # task at participation_rate 1); each keeps its own RNG streams.
   sizes = [len(ix) for ix in exp.split[t]]
-  ids = rng.participants(c.seed, t, r, sizes, c.participation_rate)
+  ids = rng.participants(c.seed, t, r, sizes, c.participation_rate, c.clients_per_round)
 
   with timer('train'):
     spec = method.local_spec(t, r)
@@ -298,6 +307,7 @@ def federated_round(exp: Experiment, passes: Passes, server: dict, t: int, r: in
     a_c, b_c, head_c, stats = jax.block_until_ready(passes.train(
         spec, frozen_train, server, passes.plan('shuffle', t, r, ids, c.local_epochs),
         class_mask, aux, ctx))
+  stats = passes.runner.host(stats)
   _check_finite('training loss', stats['loss_sum'], t, r, clients=ids)
 
   request, grams, head_grams = method.gram_request(t, r), {}, None
@@ -308,7 +318,7 @@ def federated_round(exp: Experiment, passes: Passes, server: dict, t: int, r: in
       grams, head_grams = jax.block_until_ready(passes.grams(
           request, add_deltas(exp.params.frozen, gdeltas), params,
           passes.plan('gram', t, r, ids, 1), per_client=True))
-  _check_finite('Gram', (grams, head_grams), t, r, clients=ids)
+  _check_finite('Gram', passes.runner.host((grams, head_grams)), t, r, clients=ids)
 
   stat_fn, client_stats = method.stats_request(t, r), None
   with timer('stats'):
@@ -318,11 +328,11 @@ def federated_round(exp: Experiment, passes: Passes, server: dict, t: int, r: in
           passes.plan('stats', t, r, ids, 1), class_mask, aux, ctx))
 
   with timer('merge'):
-    weights = jnp.asarray(np.array([sizes[i] for i in ids], np.float32))
+    weights = passes.runner.replicate(jnp.asarray(np.array([sizes[i] for i in ids], np.float32)))
     results = ClientResults(a_c, b_c, head_c, grams, head_grams, weights, client_stats)
     server, info = method.aggregate(server, results, t, r)
     server = jax.block_until_ready(passes.runner.replicate(server))
-  _check_finite('merged server state', server, t, r)
+  _check_finite('merged server state', passes.runner.host(server), t, r)
 
   up, down = comm_bytes_per_client(server, spec, request, exp.model)
   down += F.tree_size_bytes((deltas, aux, ctx))  # what clients need besides a, b, head
@@ -352,7 +362,8 @@ def finish_task(exp: Experiment, passes: Passes, server: dict, t: int) -> tuple[
   request, task_grams, upload = method.end_task_gram_request(), None, 0
   if request is not None:
     sizes = [len(ix) for ix in exp.split[t]]
-    ids = rng.participants(c.seed, t, c.rounds - 1, sizes, c.participation_rate)
+    ids = rng.participants(c.seed, t, c.rounds - 1, sizes, c.participation_rate,
+                            c.clients_per_round)
     gdeltas, b_scale = method.gram_model(server, t)
     params = {'a': server['a'], 'b': jax.tree.map(lambda x: x * b_scale, server['b']),
               'head': server['head']}
@@ -360,9 +371,9 @@ def finish_task(exp: Experiment, passes: Passes, server: dict, t: int) -> tuple[
                                  passes.plan('task_gram', t, 0, ids, 1), per_client=False)
     task_grams = jax.tree.map(lambda x: jnp.sum(x, axis=0), per_client)
     upload = len(ids) * F.tree_size_bytes(jax.tree.map(lambda x: x[0], per_client))
-  _check_finite('end-of-task Gram', task_grams, t, c.rounds - 1)
+  _check_finite('end-of-task Gram', passes.runner.host(task_grams), t, c.rounds - 1)
   server = passes.runner.replicate(method.end_task(server, t, task_grams))
-  _check_finite('cross-task merge', server, t, c.rounds - 1)
+  _check_finite('cross-task merge', passes.runner.host(server), t, c.rounds - 1)
   return server, upload
 
 

@@ -1,0 +1,84 @@
+"""Several processes as one run (jax.distributed on localhost, gloo CPU collectives).
+
+Each process trains its share of the clients on its own devices; the merges'
+client sums are reduced across processes; process 0 writes the workdir. The
+results must be those of one process with as many devices.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = ['--config=configs/smoke.py', '--config.num_clients=5']
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _run(workdir: str, flags: list[str], processes: int = 1, cpu_devices: int = 1) -> None:
+  """experiments.run as `processes` processes of one run (each with cpu_devices)."""
+  # A cache of this test's own: programs compiled by earlier tests or runs
+  # must not stand in for the ones compiled here.
+  env = dict(os.environ, PYTHONPATH=REPO,
+             JAX_COMPILATION_CACHE_DIR=os.path.join(os.path.dirname(workdir), 'xla'))
+  base = [sys.executable, '-m', 'experiments.run', f'--workdir={workdir}',
+          f'--cpu_devices={cpu_devices}', *SMOKE, *flags]
+  if processes == 1:
+    done = subprocess.run(base, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT)
+    assert done.returncode == 0, done.stdout.decode()[-3000:]
+    return
+  port = _free_port()
+  procs = [subprocess.Popen(base + [f'--coordinator_address=127.0.0.1:{port}',
+                                    f'--num_processes={processes}', f'--process_id={i}'],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+           for i in range(processes)]
+  outs = [p.communicate(timeout=900)[0].decode()[-2000:] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out
+
+
+def _results(workdir: str) -> tuple[dict, list]:
+  results = json.load(open(os.path.join(workdir, 'results.json')))
+  lines = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+  return {k: v for k, v in results.items() if k != 'wall_seconds'}, lines
+
+
+def _same(a: str, b: str) -> None:
+  (ra, la), (rb, lb) = _results(a), _results(b)
+  assert ra == rb
+  keys = ('kind', 'task', 'round', 'clients', 'train_loss', 'upload_bytes_per_client')
+  assert [{k: l.get(k) for k in keys} for l in la] == [{k: l.get(k) for k in keys} for l in lb]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('mode', ['vmap', 'sequential'])
+def test_two_processes_give_one_process_results(tmp_path, mode):
+  flags = [f'--config.client_mode={mode}']
+  _run(str(tmp_path / 'one'), flags, processes=1, cpu_devices=2)
+  _run(str(tmp_path / 'two'), flags, processes=2, cpu_devices=1)
+  _same(str(tmp_path / 'two'), str(tmp_path / 'one'))
+  assert _results(str(tmp_path / 'two'))[0]['devices'] == '2 x cpu'
+
+
+@pytest.mark.slow
+def test_two_processes_of_two_devices_and_resume(tmp_path):
+  """2 processes x 2 CPU devices = 1 process x 4 devices, also when the
+  2-process run is stopped after 3 rounds (crossing a task end) and resumed."""
+  _run(str(tmp_path / 'one'), [], processes=1, cpu_devices=4)
+  two = str(tmp_path / 'two')
+  _run(two, ['--max_rounds=3'], processes=2, cpu_devices=2)
+  assert not os.path.exists(os.path.join(two, 'results.json'))
+  _run(two, [], processes=2, cpu_devices=2)
+  _same(two, str(tmp_path / 'one'))
+  assert _results(two)[0]['devices'] == '4 x cpu'
