@@ -4,6 +4,7 @@
   python -m experiments.bench_round --only=default    # the embedded default only
   python -m experiments.bench_round --config=configs/bench_vit_b16.py --whole-run
                                                       # first task, whole run extrapolated
+  python -m experiments.bench_round --many-clients    # 100 / 1,000 / 5,000 clients, 20 drawn
 
 Every point is its own `python -m experiments.run ... --max_rounds=R` process
 (nothing is shared between points; peak RSS is that process's, from wait4).
@@ -40,6 +41,14 @@ SWEEPS = {
                     set={'model.dtype': 'float32', 'clients_per_chunk': 2,
                          'dataset.test_per_class': 1, 'local_epochs': 1}),
 }
+# Many clients, few participants: the full Fashion-MNIST training set (60k images)
+# split Dirichlet(0.5) over 100 / 1,000 / 5,000 clients, 20 drawn per round among
+# the clients holding data of the task (min_samples 0: most of 5,000 clients hold
+# none of a task's 12k images), 1 local epoch, LoRM.
+MANY_CLIENTS = dict(config='configs/fmnist_reference.py:epochs=1,split=dirichlet',
+                    clients=(100, 1000, 5000), rounds=5,
+                    set={'dataset.train_per_class': 0, 'dataset.test_per_class': 10,
+                         'min_samples': 0, 'clients_per_round': 20})
 # Rounds per point: the first two compile (a B-round and an A-round are different
 # jitted steps); the rest are measured (default: a B- and an A-round; ViT-B: a B-round).
 
@@ -67,7 +76,7 @@ def run_point(config: str, overrides: dict, rounds: int, extra_flags=()) -> dict
   rows = [x for x in lines if x['kind'] == 'round']
   timed = rows[2:] or rows[-1:]
   med = lambda k: statistics.median(x[k] for x in timed)
-  return dict(round=med('seconds_round'), train=med('seconds_train'), gram=med('seconds_gram'),
+  return dict(round=med('seconds_round'), steps=med('_steps'), train=med('seconds_train'), gram=med('seconds_gram'),
               merge=med('seconds_merge'), wall=wall, rows=rows,
               rss_gib=usage.ru_maxrss / 2**20,  # ru_maxrss is in KiB on Linux
               device_gib=max((x.get('device_peak_mib', 0.0) for x in rows), default=0.0) / 1024)
@@ -114,6 +123,56 @@ def whole_run(config: str) -> str:
           '(end-of-task Gram passes and evaluations not included).')
 
 
+def many_clients() -> list[dict]:
+  """MANY_CLIENTS, one process per client count."""
+  out = []
+  for n in MANY_CLIENTS['clients']:
+    res = run_point(MANY_CLIENTS['config'], dict(MANY_CLIENTS['set'], num_clients=n),
+                    MANY_CLIENTS['rounds'])
+    res.update(clients=n, rows=None)
+    out.append(res)
+    print(f"{n} clients, 20 drawn: round {res['round']:.2f} s (train {res['train']:.2f} s for "
+          f"{res['steps']:.0f} client-steps, Gram {res['gram']:.2f}, merge "
+          f"{1e3 * res['merge']:.0f} ms), peak RSS {res['rss_gib']:.2f} GiB", flush=True)
+  return out
+
+
+def render_many(points: list[dict], machine: str) -> str:
+  lines = ['Command: `python -m experiments.bench_round --many-clients`  ', f'Machine: {machine}  ',
+           'Full Fashion-MNIST training set (60,000 images), Dirichlet(0.5) split over N '
+           'clients, `clients_per_round=20` drawn each round among the clients holding data '
+           'of the task, `min_samples=0`, LoRM, ViT-S/14 @ 56 px, rank 2, 1 local epoch, '
+           'batch 16. One `experiments.run --max_rounds=5` process per row; times are '
+           'medians of rounds 3-5 (the first two compile). The 20 participants hold less '
+           'data when N is larger, so the training work differs between rows: compare '
+           '"other" (round minus training, Gram pass and merge: sampling, batch plans, '
+           'host work) and seconds per client-step.', '',
+           '| clients | round (s) | train (s) | client-steps | train / step (ms) | Gram (s) | '
+           'merge (ms) | other (s) | peak RSS (GiB) |', '|---|---|---|---|---|---|---|---|---|']
+  for p in points:
+    other = p['round'] - p['train'] - p['gram'] - p['merge']
+    lines.append(f"| {p['clients']} | {p['round']:.2f} | {p['train']:.2f} | {p['steps']:.0f} | "
+                 f"{1e3 * p['train'] / max(p['steps'], 1):.0f} | {p['gram']:.2f} | "
+                 f"{1e3 * p['merge']:.0f} | {other:.2f} | {p['rss_gib']:.2f} |")
+  return '\n'.join(lines)
+
+
+def plot_many(points: list[dict], path: str) -> None:
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  xs = [p['clients'] for p in points]
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  axes[0].plot(xs, [p['round'] for p in points], 'o-', label='round')
+  axes[0].plot(xs, [p['round'] - p['train'] for p in points], 's--', label='round minus training')
+  axes[0].set_ylabel('seconds')
+  axes[1].plot(xs, [p['rss_gib'] for p in points], 'o-', label='peak RSS')
+  axes[1].set_ylabel('GiB')
+  axes[1].set_ylim(bottom=0)
+  _save_log_x(fig, axes, ('Round time, 20 participants', 'Peak RSS, 20 participants'),
+              'clients in the federation', 10, path)
+
+
 def render(points: list[dict], machine: str) -> str:
   device = any(p.get('device_gib') for p in points)  # GPUs and TPUs report it, CPUs do not
   lines = ['Command: `python -m experiments.bench_round`  ', f'Machine: {machine}  ',
@@ -145,9 +204,15 @@ def plot(points: list[dict], path: str) -> None:
     xs = [p['clients'] for p in pts]
     axes[0].plot(xs, [p['round'] for p in pts], 'o-', label=f'{name} round (s)')
     axes[1].plot(xs, [p['rss_gib'] for p in pts], 'o-', label=f'{name} peak RSS (GiB)')
-  for ax, title in zip(axes, ('Round time vs clients', 'Peak RSS vs clients')):
-    ax.set_xscale('log', base=2)
-    ax.set_xlabel('clients')
+  _save_log_x(fig, axes, ('Round time vs clients', 'Peak RSS vs clients'), 'clients', 2, path)
+
+
+def _save_log_x(fig, axes, titles, xlabel: str, base: int, path: str) -> None:
+  """Log-scale x axes with titles, grid and legend; the figure saved to path."""
+  import matplotlib.pyplot as plt
+  for ax, title in zip(axes, titles):
+    ax.set_xscale('log', base=base)
+    ax.set_xlabel(xlabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -161,6 +226,8 @@ def main(argv=None) -> None:
   p.add_argument('--only', choices=sorted(SWEEPS), help='one sweep only')
   p.add_argument('--config', help='with --whole-run: the config to time')
   p.add_argument('--whole-run', action='store_true')
+  p.add_argument('--many-clients', action='store_true',
+                 help='the many-clients sweep (partial participation) instead')
   p.add_argument('--no-write', action='store_true')
   args = p.parse_args(argv)
   machine = bc.machine_description()
@@ -172,6 +239,16 @@ def main(argv=None) -> None:
     print(text)
     if not args.no_write:
       bc.write_section('Whole run, extrapolated from its first task', text)
+    return
+  if args.many_clients:
+    points = many_clients()
+    text = render_many(points, machine)
+    print(text)
+    if not args.no_write:
+      (bc.REPO_ROOT / 'docs' / 'bench_many_clients.json').write_text(json.dumps(points, indent=1))
+      plot_many(points, str(bc.REPO_ROOT / 'docs' / 'img' / 'bench_many_clients.png'))
+      bc.write_section('Many clients, 20 participants per round', text +
+                       '\n\n![round time and RSS vs clients](docs/img/bench_many_clients.png)')
     return
   # Points of the sweeps not rerun are kept from the last run (docs/bench_round.json).
   saved = bc.REPO_ROOT / 'docs' / 'bench_round.json'
