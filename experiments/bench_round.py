@@ -145,15 +145,13 @@ def render_many(points: list[dict], machine: str) -> str:
            'batch 16. One `experiments.run --max_rounds=5` process per row; times are '
            'medians of rounds 3-5 (the first two compile). The 20 participants hold less '
            'data when N is larger, so the training work differs between rows: compare '
-           '"other" (round minus training, Gram pass and merge: sampling, batch plans, '
-           'host work) and seconds per client-step.', '',
+           'the seconds per client-step (a client-step is one batch of one participant).', '',
            '| clients | round (s) | train (s) | client-steps | train / step (ms) | Gram (s) | '
-           'merge (ms) | other (s) | peak RSS (GiB) |', '|---|---|---|---|---|---|---|---|---|']
+           'merge (ms) | peak RSS (GiB) |', '|---|---|---|---|---|---|---|---|']
   for p in points:
-    other = p['round'] - p['train'] - p['gram'] - p['merge']
     lines.append(f"| {p['clients']} | {p['round']:.2f} | {p['train']:.2f} | {p['steps']:.0f} | "
                  f"{1e3 * p['train'] / max(p['steps'], 1):.0f} | {p['gram']:.2f} | "
-                 f"{1e3 * p['merge']:.0f} | {other:.2f} | {p['rss_gib']:.2f} |")
+                 f"{1e3 * p['merge']:.0f} | {p['rss_gib']:.2f} |")
   return '\n'.join(lines)
 
 
@@ -164,8 +162,10 @@ def plot_many(points: list[dict], path: str) -> None:
   xs = [p['clients'] for p in points]
   fig, axes = plt.subplots(1, 2, figsize=(10, 4))
   axes[0].plot(xs, [p['round'] for p in points], 'o-', label='round')
-  axes[0].plot(xs, [p['round'] - p['train'] for p in points], 's--', label='round minus training')
+  axes[0].plot(xs, [1e3 * p['train'] / max(p['steps'], 1) / 10 for p in points], 's--',
+               label='training per client-step (10 ms)')
   axes[0].set_ylabel('seconds')
+  axes[0].set_ylim(bottom=0)
   axes[1].plot(xs, [p['rss_gib'] for p in points], 'o-', label='peak RSS')
   axes[1].set_ylabel('GiB')
   axes[1].set_ylim(bottom=0)
