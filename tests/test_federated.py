@@ -162,16 +162,23 @@ def _tiny_model():
   return F.FunctionalViT(vit.ViT(cfg, rngs=nnx.Rngs(0)))
 
 
-def test_padded_steps_and_samples_do_not_change_a_client():
+def _tiny_client(num_images: int):
+  """A tiny ViT's params, fresh LoRA factors and head, num_images random
+  14x14 images with labels 0/1, and the un-augmented preprocessing."""
   fm = _tiny_model()
   p = fm.initial_params()
   a, b = F.init_lora(jax.random.key(1), p.a, p.b)
   head = F.init_head(jax.random.key(2), 16, 4)
-  images = jax.random.randint(jax.random.key(3), (20, 14, 14, 1), 0, 255).astype(jnp.uint8)
-  labels = jnp.arange(20, dtype=jnp.int32) % 2
-  spec = interface.LocalSpec(('b',), 1e-2, 1e-2)
+  images = jax.random.randint(jax.random.key(3), (num_images, 14, 14, 1), 0, 255).astype(jnp.uint8)
+  labels = jnp.arange(num_images, dtype=jnp.int32) % 2
   pre_spec = augment.preset('fashion_mnist', 14, train=False)
   pre = lambda k, x: augment.preprocess(k, x, pre_spec)
+  return fm, p, a, b, head, images, labels, pre
+
+
+def test_padded_steps_and_samples_do_not_change_a_client():
+  fm, p, a, b, head, images, labels, pre = _tiny_client(20)
+  spec = interface.LocalSpec(('b',), 1e-2, 1e-2)
   cm = jnp.array([True, True, False, False])
   own = [np.arange(11)]
   rng = lambda c: np.random.default_rng(0)
@@ -202,14 +209,7 @@ def test_padded_steps_and_samples_do_not_change_a_client():
 def test_half_batches_train_like_full_batches():
   """A partial batch that fits in half a batch, run at half size (the CPU
   path), trains the client as the full-size padded batch does."""
-  fm = _tiny_model()
-  p = fm.initial_params()
-  a, b = F.init_lora(jax.random.key(1), p.a, p.b)
-  head = F.init_head(jax.random.key(2), 16, 4)
-  images = jax.random.randint(jax.random.key(3), (40, 14, 14, 1), 0, 255).astype(jnp.uint8)
-  labels = jnp.arange(40, dtype=jnp.int32) % 2
-  pre_spec = augment.preset('fashion_mnist', 14, train=False)
-  pre = lambda k, x: augment.preprocess(k, x, pre_spec)
+  fm, p, a, b, head, images, labels, pre = _tiny_client(40)
   own = [np.arange(19)]   # batches of 8: 8, 8, 3 (fits in 4) per epoch
   idx, mask = batching.client_batch_plan(own, 8, 2, lambda c: np.random.default_rng(0),
                                          num_steps=8)
