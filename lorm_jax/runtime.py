@@ -44,31 +44,11 @@ def set_cpu_devices(count: int) -> int:
   backends are unaffected (their devices stay the default). Returns the
   count asked for.
   """
-  _patient_cpu_collectives()
   if _FORCE_FLAG in os.environ.get('XLA_FLAGS', ''):
     return -1
   count = count or available_cores()
   jax.config.update('jax_num_cpu_devices', count)
   return count
-
-
-# XLA:CPU aborts the process when the devices of one program do not all reach
-# a collective within its rendezvous timeout (40 s). CPU devices share cores,
-# and the clients of a pass are uneven, so on a loaded machine one device can
-# finish its clients minutes before another: measured as an abort of a
-# 4-device run on 2 busy cores. Older jaxlibs do not know the flag (an unknown
-# XLA flag is fatal), hence the version check.
-_COLLECTIVE_TIMEOUT_FLAG = '--xla_cpu_collective_call_terminate_timeout_seconds'
-_COLLECTIVE_TIMEOUT_JAXLIB = (0, 10)
-
-
-def _patient_cpu_collectives(seconds: int = 24 * 3600) -> None:
-  """Raises XLA:CPU's collective timeout via XLA_FLAGS (before the backend starts)."""
-  import jaxlib  # pylint: disable=import-outside-toplevel
-  version = tuple(int(p) for p in jaxlib.__version__.split('.')[:2])
-  flags = os.environ.get('XLA_FLAGS', '')
-  if version >= _COLLECTIVE_TIMEOUT_JAXLIB and _COLLECTIVE_TIMEOUT_FLAG not in flags:
-    os.environ['XLA_FLAGS'] = f'{flags} {_COLLECTIVE_TIMEOUT_FLAG}={seconds}'.strip()
 
 
 def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path | None:

@@ -35,7 +35,7 @@ def _run(workdir: str, flags: list[str], processes: int = 1, cpu_devices: int = 
           f'--cpu_devices={cpu_devices}', *SMOKE, *flags]
   if processes == 1:
     done = subprocess.run(base, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT)
+                          stderr=subprocess.STDOUT, timeout=600)
     assert done.returncode == 0, done.stdout.decode()[-3000:]
     return
   port = _free_port()
@@ -43,7 +43,11 @@ def _run(workdir: str, flags: list[str], processes: int = 1, cpu_devices: int = 
                                     f'--num_processes={processes}', f'--process_id={i}'],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
            for i in range(processes)]
-  outs = [p.communicate(timeout=900)[0].decode()[-2000:] for p in procs]
+  try:
+    outs = [p.communicate(timeout=600)[0].decode()[-2000:] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out
 
