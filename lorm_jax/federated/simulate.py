@@ -294,10 +294,7 @@ def federated_round(exp: Experiment, passes: Passes, server: dict, t: int, r: in
   c, method = exp.config, exp.method
   timer = _Timer()
   class_mask = jnp.asarray(np.isin(np.arange(exp.num_classes), exp.task_classes[t]))
-  # Client sampling: the round's participants (all clients holding data of the
-  # task at participation_rate 1); each keeps its own RNG streams.
-  sizes = [len(ix) for ix in exp.split[t]]
-  ids = rng.participants(c.seed, t, r, sizes, c.participation_rate, c.clients_per_round)
+  sizes, ids = _participants(exp, t, r)
 
   with timer('train'):
     spec = method.local_spec(t, r)
@@ -361,9 +358,7 @@ def finish_task(exp: Experiment, passes: Passes, server: dict, t: int) -> tuple[
   c, method = exp.config, exp.method
   request, task_grams, upload = method.end_task_gram_request(), None, 0
   if request is not None:
-    sizes = [len(ix) for ix in exp.split[t]]
-    ids = rng.participants(c.seed, t, c.rounds - 1, sizes, c.participation_rate,
-                            c.clients_per_round)
+    _, ids = _participants(exp, t, c.rounds - 1)
     gdeltas, b_scale = method.gram_model(server, t)
     params = {'a': server['a'], 'b': jax.tree.map(lambda x: x * b_scale, server['b']),
               'head': server['head']}
@@ -375,6 +370,15 @@ def finish_task(exp: Experiment, passes: Passes, server: dict, t: int) -> tuple[
   server = passes.runner.replicate(method.end_task(server, t, task_grams))
   _check_finite('cross-task merge', passes.runner.host(server), t, c.rounds - 1)
   return server, upload
+
+
+def _participants(exp: Experiment, t: int, r: int) -> tuple[list[int], np.ndarray]:
+  """(samples of every client in task t, ids of round r's participants): all
+  clients holding data of the task at participation_rate 1, else the seeded
+  draw; each participant keeps its own RNG streams."""
+  c = exp.config
+  sizes = [len(ix) for ix in exp.split[t]]
+  return sizes, rng.participants(c.seed, t, r, sizes, c.participation_rate, c.clients_per_round)
 
 
 class _Timer:
