@@ -1,12 +1,18 @@
 """Tabulates results.json files beside the published PyTorch numbers.
 
   python -m experiments.report workdirs/sweep/* [--out workdirs/report]
+  python -m experiments.report docs/results/fidelity/e5/* \
+      --reference=docs/results/fidelity/reference.json --out=workdirs/fidelity
 
 Prints, and writes as report.md and report.png, a method x benchmark table of
 final accuracy (mean +- std over seeds), the published number of that cell
 (LORM_SPEC section 6, the poster's table) and the difference. Runs on the
 embedded Fashion-MNIST configs get a table of their own: nothing was
-published for them.
+published for them. `--reference` sets them beside runs of the PyTorch
+reference on the same setting (a JSON list of {method, local_epochs, seed,
+final_accuracy %}): per cell the difference of the means with a Welch 95%
+interval, per local-epoch count every pair of methods' difference on both
+sides (the ordering), and reference.png, every run as a point.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import json
 import os
 
 import numpy as np
+from scipy import stats  # a dependency of jax itself
 
 from lorm_jax.errors import UserError, argument_parser, report_user_errors
 from lorm_jax import plotting  # noqa: F401  (selects the Agg backend)
@@ -167,17 +174,109 @@ def bar_chart(path: str, cells) -> None:
   plt.close(fig)
 
 
+def load_reference(path: str) -> dict[tuple[str, int], list[float]]:
+  """(method, local_epochs) -> the reference's final accuracies (%)."""
+  try:
+    with open(path) as f:
+      runs = json.load(f)['runs']
+    cells = collections.defaultdict(list)
+    for r in runs:
+      cells[(r['method'], int(r['local_epochs']))].append(float(r['final_accuracy']))
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise UserError(f'{path} is not a reference file ({type(e).__name__}: {e}); expected '
+                    '{"runs": [{"method", "local_epochs", "final_accuracy"}, ...]}') from None
+  return dict(cells)
+
+
+def welch(a: list[float], b: list[float], level: float = 0.95) -> tuple[float, float | None]:
+  """mean(a) - mean(b) and the half-width of its Welch t interval (None when a
+  side has fewer than two values, or both have no spread)."""
+  diff = float(np.mean(a) - np.mean(b))
+  if len(a) < 2 or len(b) < 2:
+    return diff, None
+  va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
+  if va + vb == 0:
+    return diff, None
+  dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+  return diff, float(stats.t.ppf(0.5 + level / 2, dof) * np.sqrt(va + vb))
+
+
+def _interval(diff: float, half: float | None) -> str:
+  if half is None:
+    return f'{diff:+.2f} (no interval: a side has < 2 runs)'
+  verdict = 'excludes 0' if abs(diff) > half else 'includes 0'
+  return f'{diff:+.2f} [{diff - half:+.2f}, {diff + half:+.2f}] ({verdict})'
+
+
+def ours_by_epochs(results: list[dict]) -> dict[tuple[str, int], list[float]]:
+  """(method, local_epochs) -> this project's final accuracies (%), embedded configs only."""
+  cells = collections.defaultdict(list)
+  for r in results:
+    if r['dataset'] not in BENCHMARKS and r.get('local_epochs') is not None:
+      cells[(r['method'], int(r['local_epochs']))].append(100.0 * r['final_accuracy'])
+  return dict(cells)
+
+
+def reference_tables(ours: dict, ref: dict) -> str:
+  """This project beside the reference per cell, then every pair of methods per
+  local-epoch count (A - B; the ordering) on both sides."""
+  lines = ['| method | local epochs | this project | reference | this project - reference, '
+           'Welch 95% interval |', '|---|---|---|---|---|']
+  for m, e in sorted(set(ours) & set(ref), key=lambda k: (k[1], k[0])):
+    lines.append(f'| {m} | {e} | {fmt(ours[m, e])} | {fmt(ref[m, e])} | '
+                 f'{_interval(*welch(ours[m, e], ref[m, e]))} |')
+  lines += ['', '| local epochs | A - B | this project | reference |', '|---|---|---|---|']
+  for e in sorted({e for _, e in ref}):
+    methods = sorted((m for m, e2 in ref if e2 == e and (m, e) in ours),
+                     key=lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else 99)
+    for i, a in enumerate(methods):
+      for b in methods[i + 1:]:
+        lines.append(f'| {e} | {b} - {a} | {_interval(*welch(ours[b, e], ours[a, e]))} | '
+                     f'{_interval(*welch(ref[b, e], ref[a, e]))} |')
+  return '\n'.join(lines)
+
+
+def reference_chart(path: str, ours: dict, ref: dict) -> None:
+  """Every run's final accuracy as a point, per (method, local epochs): this
+  project in blue, the reference in red; bars are the means."""
+  keys = sorted(set(ours) | set(ref), key=lambda k: (k[1], k[0]))
+  fig, ax = plt.subplots(figsize=(1.5 + 1.3 * len(keys), 3.5))
+  for x, k in enumerate(keys):
+    for side, vals, colour, dx in (('this project', ours.get(k, []), 'tab:blue', -0.15),
+                                   ('reference', ref.get(k, []), 'tab:red', 0.15)):
+      if vals:
+        ax.scatter(np.full(len(vals), x + dx), vals, color=colour, s=18, zorder=3,
+                   label=side if x == 0 else None)
+        ax.hlines(np.mean(vals), x + dx - 0.12, x + dx + 0.12, color=colour, lw=2)
+  ax.set_xticks(range(len(keys)), [f'{m}\n{e} epoch{"s" * (e != 1)}' for m, e in keys])
+  top = max(v for vals in (*ours.values(), *ref.values()) for v in vals)
+  ax.set_ylabel('final accuracy (%)')
+  ax.set_ylim(0, min(100, 10 * np.ceil(top / 10) + 10))
+  ax.grid(axis='y', alpha=0.3)
+  ax.legend(fontsize=8)
+  ax.set_title('every run (points) and the mean (bar)', fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 @report_user_errors
 def main(argv=None) -> None:
   p = argument_parser(description=__doc__.splitlines()[0])
   p.add_argument('workdirs', nargs='+')
   p.add_argument('--out', default='', help='folder for report.md / report.png')
+  p.add_argument('--reference', default='',
+                 help='JSON of the PyTorch reference\'s runs on an embedded config')
   args = p.parse_args(argv)
+  ref = load_reference(args.reference) if args.reference else None
   results = load_results(args.workdirs)
   cells = group(results)
   text = ('## Paper benchmarks (ours / published, difference)\n\n' + paper_table(cells) +
           '\n\n## Embedded configs (no published numbers)\n\n' + local_table(results) +
           '\n\n### Runs\n\n' + runs_table(results) + '\n')
+  if ref is not None:
+    text += ('\n## Beside the PyTorch reference\n\n' +
+             reference_tables(ours_by_epochs(results), ref) + '\n')
   print(text)
   if args.out:
     os.makedirs(args.out, exist_ok=True)
@@ -185,6 +284,8 @@ def main(argv=None) -> None:
       f.write(text)
     if cells:
       bar_chart(os.path.join(args.out, 'report.png'), cells)
+    if ref is not None:
+      reference_chart(os.path.join(args.out, 'reference.png'), ours_by_epochs(results), ref)
 
 
 if __name__ == '__main__':

@@ -9,8 +9,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def plot_accuracy_curve(path: str, accuracies: list[float], title: str) -> None:
-  """Accuracy over all seen classes after each task."""
+def accuracy_curve_figure(accuracies: list[float], title: str) -> plt.Figure:
+  """Accuracy over all seen classes after each task (tasks 1..T)."""
   fig, ax = plt.subplots(figsize=(5, 3.5))
   x = np.arange(1, len(accuracies) + 1)
   ax.plot(x, 100 * np.asarray(accuracies), marker='o')
@@ -21,12 +21,11 @@ def plot_accuracy_curve(path: str, accuracies: list[float], title: str) -> None:
   ax.grid(alpha=0.3)
   ax.set_title(title, fontsize=9)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  return fig
 
 
-def plot_accuracy_matrix(path: str, acc: np.ndarray, title: str) -> None:
-  """Heatmap of acc[i, j]: after task i (rows), on task j (columns)."""
+def accuracy_matrix_figure(acc: np.ndarray, title: str) -> plt.Figure:
+  """Heatmap of acc[i, j]: after task i (rows), on task j (columns), tasks 1..T."""
   t = acc.shape[0]
   fig, ax = plt.subplots(figsize=(1.0 + 0.6 * t, 0.8 + 0.6 * t))
   im = ax.imshow(100 * np.nan_to_num(acc, nan=0.0), vmin=0, vmax=100, cmap='viridis')
@@ -41,6 +40,10 @@ def plot_accuracy_matrix(path: str, acc: np.ndarray, title: str) -> None:
   ax.set_title(title, fontsize=9)
   fig.colorbar(im, ax=ax, fraction=0.046)
   fig.tight_layout()
+  return fig
+
+
+def _save(fig: plt.Figure, path: str) -> None:
   fig.savefig(path, dpi=120)
   plt.close(fig)
 
@@ -49,6 +52,6 @@ def write_plots(workdir: str, results: dict) -> list[str]:
   title = f"{results['method']} on {results['dataset']} (beta={results['beta']}, seed={results['seed']})"
   paths = [os.path.join(workdir, 'accuracy_per_task.png'),
            os.path.join(workdir, 'accuracy_matrix.png')]
-  plot_accuracy_curve(paths[0], results['accuracy_per_task_end'], title)
-  plot_accuracy_matrix(paths[1], np.asarray(results['accuracy_matrix'], float), title)
+  _save(accuracy_curve_figure(results['accuracy_per_task_end'], title), paths[0])
+  _save(accuracy_matrix_figure(np.asarray(results['accuracy_matrix'], float), title), paths[1])
   return paths

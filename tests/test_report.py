@@ -1,9 +1,12 @@
 """experiments.report: grouping over seeds, published numbers, outputs."""
 import json
 
+import numpy as np
 import pytest
+from scipy import stats
 
 from experiments import report, sweep
+from lorm_jax.errors import UserError
 
 
 def _write(path, method, dataset, acc, seed):
@@ -60,3 +63,43 @@ def test_report_lists_runs_with_local_epochs_and_per_task_rows(tmp_path, capsys)
   out = capsys.readouterr().out
   assert '| lorm | fashion_mnist | 0.5 | 5 | 32.50 +- 10.61 (n=2) |' in out
   assert '| lorm | 5 | 42 | 25.00 | 50.00, 25.00 | 90.00, 25.00 |' in out
+
+
+def test_welch_interval_matches_scipy_t_test():
+  a, b = [30.1, 26.9, 32.3, 32.35, 37.9], [38.1, 40.05]
+  diff, half = report.welch(a, b)
+  ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+  assert diff == pytest.approx(np.mean(a) - np.mean(b))
+  assert (diff - half, diff + half) == pytest.approx((ci.low, ci.high), rel=1e-9)
+  assert report.welch([1.0, 2.0], [3.0])[1] is None  # one reference run: no interval
+
+
+def test_report_sets_runs_beside_the_reference(tmp_path, capsys):
+  for name, method, epochs, seed, acc in (('l1', 'lorm', 5, 1, 0.30), ('l2', 'lorm', 5, 2, 0.34),
+                                           ('f1', 'fedavg', 5, 1, 0.36), ('f2', 'fedavg', 5, 2, 0.40)):
+    p = tmp_path / name
+    p.mkdir()
+    (p / 'results.json').write_text(json.dumps({
+        'method': method, 'dataset': 'fashion_mnist', 'beta': 0.5, 'seed': seed,
+        'local_epochs': epochs, 'final_accuracy': acc, 'forgetting': 0.1, 'wall_seconds': 1.0}))
+  ref = tmp_path / 'reference.json'
+  ref.write_text(json.dumps({'runs': [
+      {'method': 'lorm', 'local_epochs': 5, 'seed': 42, 'final_accuracy': 38.0},
+      {'method': 'lorm', 'local_epochs': 5, 'seed': 1, 'final_accuracy': 40.0},
+      {'method': 'fedavg', 'local_epochs': 5, 'seed': 42, 'final_accuracy': 35.0}]}))
+  report.main([str(tmp_path / n) for n in ('l1', 'l2', 'f1', 'f2')] +
+              [f'--reference={ref}', f'--out={tmp_path / "out"}'])
+  out = capsys.readouterr().out
+  diff, half = report.welch([30.0, 34.0], [38.0, 40.0])
+  assert (f'| lorm | 5 | 32.00 +- 2.83 (n=2) | 39.00 +- 1.41 (n=2) | '
+          f'{diff:+.2f} [{diff - half:+.2f}, {diff + half:+.2f}]') in out
+  # the ordering: LoRM - averaging is -6 here, +4 (one averaging run) in the reference
+  assert '| 5 | lorm - fedavg | -6.00 [' in out and '| +4.00 (no interval' in out
+  assert (tmp_path / 'out' / 'reference.png').stat().st_size > 0
+
+
+def test_report_refuses_a_malformed_reference_file(tmp_path):
+  bad = tmp_path / 'ref.json'
+  bad.write_text(json.dumps({'runs': [{'method': 'lorm'}]}))
+  with pytest.raises(UserError, match='is not a reference file'):
+    report.load_reference(str(bad))
