@@ -12,7 +12,9 @@ published for them. `--reference` sets them beside runs of the PyTorch
 reference on the same setting (a JSON list of {method, local_epochs, seed,
 final_accuracy %}): per cell the difference of the means with a Welch 95%
 interval, per local-epoch count every pair of methods' difference on both
-sides (the ordering), and reference.png, every run as a point.
+sides (the ordering), and reference.png, every run as a point. Welch's interval
+trusts each side's own spread; Student's assumes one spread for both (the
+same setting), which matters when a side has only two runs.
 """
 from __future__ import annotations
 
@@ -189,8 +191,8 @@ def load_reference(path: str) -> dict[tuple[str, int], list[float]]:
 
 
 def welch(a: list[float], b: list[float], level: float = 0.95) -> tuple[float, float | None]:
-  """mean(a) - mean(b) and the half-width of its Welch t interval (None when a
-  side has fewer than two values, or both have no spread)."""
+  """mean(a) - mean(b) and the half-width of its Welch t interval (each side's
+  own spread; None when a side has fewer than two values, or no spread at all)."""
   diff = float(np.mean(a) - np.mean(b))
   if len(a) < 2 or len(b) < 2:
     return diff, None
@@ -201,9 +203,24 @@ def welch(a: list[float], b: list[float], level: float = 0.95) -> tuple[float, f
   return diff, float(stats.t.ppf(0.5 + level / 2, dof) * np.sqrt(va + vb))
 
 
+def pooled(a: list[float], b: list[float], level: float = 0.95) -> tuple[float, float | None]:
+  """mean(a) - mean(b) and the half-width of Student's t interval, which assumes
+  one spread for both sides (the same setting run twice) and estimates it from
+  all runs; None with fewer than three runs in all or no spread."""
+  diff = float(np.mean(a) - np.mean(b))
+  dof = len(a) + len(b) - 2
+  if dof < 1:
+    return diff, None
+  ss = np.var(a, ddof=0) * len(a) + np.var(b, ddof=0) * len(b)
+  if ss == 0:
+    return diff, None
+  se = np.sqrt(ss / dof * (1 / len(a) + 1 / len(b)))
+  return diff, float(stats.t.ppf(0.5 + level / 2, dof) * se)
+
+
 def _interval(diff: float, half: float | None) -> str:
   if half is None:
-    return f'{diff:+.2f} (no interval: a side has < 2 runs)'
+    return f'{diff:+.2f} (no interval)'
   verdict = 'excludes 0' if abs(diff) > half else 'includes 0'
   return f'{diff:+.2f} [{diff - half:+.2f}, {diff + half:+.2f}] ({verdict})'
 
@@ -220,12 +237,14 @@ def ours_by_epochs(results: list[dict]) -> dict[tuple[str, int], list[float]]:
 def reference_tables(ours: dict, ref: dict) -> str:
   """This project beside the reference per cell, then every pair of methods per
   local-epoch count (A - B; the ordering) on both sides."""
-  lines = ['| method | local epochs | this project | reference | this project - reference, '
-           'Welch 95% interval |', '|---|---|---|---|---|']
+  lines = ['| method | local epochs | this project | reference | this project - reference: '
+           'Welch 95% interval | Student 95% interval (one spread) |', '|---|---|---|---|---|---|']
   for m, e in sorted(set(ours) & set(ref), key=lambda k: (k[1], k[0])):
-    lines.append(f'| {m} | {e} | {fmt(ours[m, e])} | {fmt(ref[m, e])} | '
-                 f'{_interval(*welch(ours[m, e], ref[m, e]))} |')
-  lines += ['', '| local epochs | A - B | this project | reference |', '|---|---|---|---|']
+    a, b = ours[m, e], ref[m, e]
+    lines.append(f'| {m} | {e} | {fmt(a)} | {fmt(b)} | {_interval(*welch(a, b))} | '
+                 f'{_interval(*pooled(a, b))} |')
+  lines += ['', '| local epochs | A - B | this project (Welch 95%) | reference (Welch 95%) |',
+            '|---|---|---|---|']
   for e in sorted({e for _, e in ref}):
     methods = sorted((m for m, e2 in ref if e2 == e and (m, e) in ours),
                      key=lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else 99)

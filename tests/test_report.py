@@ -65,13 +65,17 @@ def test_report_lists_runs_with_local_epochs_and_per_task_rows(tmp_path, capsys)
   assert '| lorm | 5 | 42 | 25.00 | 50.00, 25.00 | 90.00, 25.00 |' in out
 
 
-def test_welch_interval_matches_scipy_t_test():
+def test_welch_and_student_intervals_match_scipy_t_tests():
   a, b = [30.1, 26.9, 32.3, 32.35, 37.9], [38.1, 40.05]
   diff, half = report.welch(a, b)
   ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
   assert diff == pytest.approx(np.mean(a) - np.mean(b))
   assert (diff - half, diff + half) == pytest.approx((ci.low, ci.high), rel=1e-9)
   assert report.welch([1.0, 2.0], [3.0])[1] is None  # one reference run: no interval
+  diff, half = report.pooled(a, b)
+  ci = stats.ttest_ind(a, b, equal_var=True).confidence_interval(0.95)
+  assert (diff - half, diff + half) == pytest.approx((ci.low, ci.high), rel=1e-9)
+  assert report.pooled([1.0, 2.0], [3.0])[1] is not None  # one spread from three runs
 
 
 def test_report_sets_runs_beside_the_reference(tmp_path, capsys):
@@ -94,7 +98,7 @@ def test_report_sets_runs_beside_the_reference(tmp_path, capsys):
   assert (f'| lorm | 5 | 32.00 +- 2.83 (n=2) | 39.00 +- 1.41 (n=2) | '
           f'{diff:+.2f} [{diff - half:+.2f}, {diff + half:+.2f}]') in out
   # the ordering: LoRM - averaging is -6 here, +4 (one averaging run) in the reference
-  assert '| 5 | lorm - fedavg | -6.00 [' in out and '| +4.00 (no interval' in out
+  assert '| 5 | lorm - fedavg | -6.00 [' in out and '| +4.00 (no interval)' in out
   assert (tmp_path / 'out' / 'reference.png').stat().st_size > 0
 
 
