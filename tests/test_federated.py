@@ -134,22 +134,24 @@ def test_fedavg_runs_on_the_same_loop(tmp_path):
   assert res['merge_fallbacks'] == 0
 
 
-def test_four_cpu_devices_give_the_same_results(smoke_run, tmp_path):
-  """The client axis sharded over 4 host devices (XLA flag, in a subprocess)."""
+def test_two_cpu_devices_give_the_same_results(smoke_run, tmp_path):
+  """The client axis sharded over 2 host devices (XLA flag, in a subprocess),
+  2 clients of each chunk of 4 per device. No more devices than CI's 2 cores:
+  with more, XLA:CPU's collectives were seen to stall (tests/test_multiprocess.py)."""
   _, full = smoke_run
-  workdir = str(tmp_path / 'four')
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+  workdir = str(tmp_path / 'two')
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
              PYTHONPATH=REPO)
   cmd = [sys.executable, '-m', 'experiments.run', '--config=configs/smoke.py',
          f'--workdir={workdir}', '--config.num_clients=4', '--config.clients_per_chunk=4']
-  subprocess.run(cmd, check=True, cwd=REPO, env=env, capture_output=True)
+  subprocess.run(cmd, check=True, cwd=REPO, env=env, capture_output=True, timeout=600)
   one = simulate.run(smoke_config(num_clients=4, clients_per_chunk=4), str(tmp_path / 'one'),
                      progress=False)
-  four = json.load(open(os.path.join(workdir, 'results.json')))
-  assert four['devices'] == '4 x cpu'
-  np.testing.assert_allclose(np.array(four['accuracy_matrix'], float),
+  two = json.load(open(os.path.join(workdir, 'results.json')))
+  assert two['devices'] == '2 x cpu'
+  np.testing.assert_allclose(np.array(two['accuracy_matrix'], float),
                              np.array(one['accuracy_matrix'], float), atol=1e-6)
-  assert four['comm_bytes_total'] == one['comm_bytes_total']
+  assert two['comm_bytes_total'] == one['comm_bytes_total']
 
 
 # ---------------------------------------------------------------------------
