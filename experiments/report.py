@@ -290,12 +290,13 @@ def main(argv=None) -> None:
   ref = load_reference(args.reference) if args.reference else None
   results = load_results(args.workdirs)
   cells = group(results)
+  ours = ours_by_epochs(results) if ref is not None else None
   text = ('## Paper benchmarks (ours / published, difference)\n\n' + paper_table(cells) +
           '\n\n## Embedded configs (no published numbers)\n\n' + local_table(results) +
           '\n\n### Runs\n\n' + runs_table(results) + '\n')
   if ref is not None:
     text += ('\n## Beside the PyTorch reference\n\n' +
-             reference_tables(ours_by_epochs(results), ref) + '\n')
+             reference_tables(ours, ref) + '\n')
   print(text)
   if args.out:
     os.makedirs(args.out, exist_ok=True)
@@ -304,7 +305,7 @@ def main(argv=None) -> None:
     if cells:
       bar_chart(os.path.join(args.out, 'report.png'), cells)
     if ref is not None:
-      reference_chart(os.path.join(args.out, 'reference.png'), ours_by_epochs(results), ref)
+      reference_chart(os.path.join(args.out, 'reference.png'), ours, ref)
 
 
 if __name__ == '__main__':
