@@ -263,6 +263,20 @@ def test_gelu_custom_vjp_matches_float64(approximate):
   np.testing.assert_allclose(np.asarray(grad), np.asarray(auto), atol=2e-6)
 
 
+def test_residual_boundary_is_the_identity_with_an_identity_backward():
+  """Forward and cotangent pass unchanged (bit for bit) for a finite guard;
+  a non-finite guard turns the cotangent into NaN; the guard gets no gradient."""
+  x = jax.random.normal(jax.random.key(0), (3, 5, 8))
+  w = jax.random.normal(jax.random.key(1), (3, 5, 8))
+  loss = lambda x, guard: jnp.sum(jnp.sin(vit.residual_boundary(x, guard)) * w)
+  gx, gguard = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, jnp.float32(0.7))
+  np.testing.assert_array_equal(np.asarray(vit.residual_boundary(x, jnp.float32(0.7))), x)
+  np.testing.assert_array_equal(np.asarray(gx), np.asarray(jnp.cos(x) * w))
+  assert float(gguard) == 0.0
+  bad = jax.jit(jax.grad(loss))(x, jnp.float32(jnp.inf))
+  assert np.all(np.isnan(np.asarray(bad)))
+
+
 def test_head_init_is_the_reference_timm_init():
   """Kernel ~ N(0, 0.02^2) (timm's trunc_normal_ with absolute bounds +-2,
   i.e. in effect untruncated), bias exactly 0; with 2 classes per task and

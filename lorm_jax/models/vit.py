@@ -159,6 +159,37 @@ def _gelu_bwd(approximate, dy, g):
 gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
+@jax.custom_vjp
+def residual_boundary(x: jax.Array, guard: jax.Array) -> jax.Array:
+  """Identity on the residual stream x; in the backward pass its cotangent
+  becomes one materialised array.
+
+  XLA:CPU fuses the residual stream's cotangent, a chain of additions through
+  every later block, into each of its consumers instead of writing it once,
+  so a step recomputed that chain for every layer (quadratic in depth: 28 ms
+  of a 236 ms ViT-S/14 training step, docs/performance.md). A conditional is
+  a fusion boundary (an optimization barrier is not: XLA:CPU expands it away
+  before fusion). `guard` is a scalar of the frozen backbone, finite in any
+  run that has a finite loss: the backward passes the cotangent through
+  unchanged when it is finite and gives NaN otherwise, where the forward
+  pass has already made every gradient NaN.
+  """
+  del guard
+  return x
+
+
+def _boundary_fwd(x, guard):
+  return x, guard
+
+
+def _boundary_bwd(guard, g):
+  g = jax.lax.cond(jnp.isfinite(guard), lambda t: t, lambda t: jnp.full_like(t, jnp.nan), g)
+  return g, jnp.zeros_like(guard)
+
+
+residual_boundary.defvjp(_boundary_fwd, _boundary_bwd)
+
+
 class LayerNorm(nnx.Module):
   def __init__(self, dim: int, eps: float):
     self.scale = nnx.Param(jnp.ones((dim,)))
@@ -222,10 +253,11 @@ class Block(nnx.Module):
       self.ls1 = self.ls2 = None
 
   def __call__(self, x, gram_mode=None, sample_weights=None, prefix=None):
+    guard = self.norm1.scale[...][0]
     y = self.attn(self.norm1(x), gram_mode, sample_weights, prefix)
-    x = x + (y * self.ls1[...] if self.ls1 is not None else y)
+    x = residual_boundary(x + (y * self.ls1[...] if self.ls1 is not None else y), guard)
     y = self.mlp(self.norm2(x), gram_mode, sample_weights)
-    return x + (y * self.ls2[...] if self.ls2 is not None else y)
+    return residual_boundary(x + (y * self.ls2[...] if self.ls2 is not None else y), guard)
 
 
 class Head(nnx.Module):
