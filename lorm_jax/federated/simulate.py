@@ -220,7 +220,7 @@ def _run(config: ConfigDict, workdir: str, lock: checkpointing.WorkdirLock | Non
   if restored is not None:
     server = jax.tree.map(jnp.asarray, restored[0])
     meta = RunMeta(**restored[1])
-    del restored  # the restored arrays would otherwise stay alive for the whole run
+    del restored  # its host copy of the server state would otherwise live for the whole run
   server = runner.replicate(server)
   log.truncate(meta.metrics_lines)
   wall_before = meta.wall_seconds

@@ -171,8 +171,9 @@ def residual_boundary(x: jax.Array, guard: jax.Array) -> jax.Array:
   a fusion boundary (an optimization barrier is not: XLA:CPU expands it away
   before fusion). `guard` is a scalar of the frozen backbone, finite in any
   run that has a finite loss: the backward passes the cotangent through
-  unchanged when it is finite and gives NaN otherwise, where the forward
-  pass has already made every gradient NaN.
+  unchanged when the guard is finite and gives NaN otherwise, where the
+  forward pass has already made every gradient NaN (a conditional with two
+  identical branches would be simplified away).
   """
   del guard
   return x
