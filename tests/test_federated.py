@@ -134,11 +134,10 @@ def test_fedavg_runs_on_the_same_loop(tmp_path):
   assert res['merge_fallbacks'] == 0
 
 
-def test_two_cpu_devices_give_the_same_results(smoke_run, tmp_path):
+def test_two_cpu_devices_give_the_same_results(tmp_path):
   """The client axis sharded over 2 host devices (XLA flag, in a subprocess),
   2 clients of each chunk of 4 per device. No more devices than CI's 2 cores:
   with more, XLA:CPU's collectives were seen to stall (tests/test_multiprocess.py)."""
-  _, full = smoke_run
   workdir = str(tmp_path / 'two')
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
              PYTHONPATH=REPO)

@@ -254,11 +254,13 @@ class Block(nnx.Module):
       self.ls1 = self.ls2 = None
 
   def __call__(self, x, gram_mode=None, sample_weights=None, prefix=None):
-    guard = self.norm1.scale[...][0]
-    y = self.attn(self.norm1(x), gram_mode, sample_weights, prefix)
-    x = residual_boundary(x + (y * self.ls1[...] if self.ls1 is not None else y), guard)
-    y = self.mlp(self.norm2(x), gram_mode, sample_weights)
-    return residual_boundary(x + (y * self.ls2[...] if self.ls2 is not None else y), guard)
+    x = self._residual(x, self.attn(self.norm1(x), gram_mode, sample_weights, prefix), self.ls1)
+    return self._residual(x, self.mlp(self.norm2(x), gram_mode, sample_weights), self.ls2)
+
+  def _residual(self, x, y, layerscale):
+    """x + layerscale * y, its cotangent kept one array (`residual_boundary`)."""
+    y = y * layerscale[...] if layerscale is not None else y
+    return residual_boundary(x + y, self.norm1.scale[...][0])
 
 
 class Head(nnx.Module):
