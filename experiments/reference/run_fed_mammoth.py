@@ -25,8 +25,8 @@ What it adds around the reference, and nothing else:
 ones. After a run, DIR/results.json holds the accuracy after each task and
 the per-task row after the last, read from the reference's own printout.
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations`: the reference builds its flags from
+# the annotations of the registered classes' __init__ (utils/args.py).
 import argparse
 import importlib.abc
 import importlib.machinery
@@ -243,9 +243,11 @@ def main():
     sys.stdout = _Tee(sys.__stdout__, log)
     sys.argv = ['main.py'] + flags + ['--output_folders_root', out]
     start = time.time()
-    runpy.run_path('main.py', run_name='__main__')
+    try:
+      runpy.run_path('main.py', run_name='__main__')
+    finally:
+      sys.stdout = sys.__stdout__
     seconds = time.time() - start
-    sys.stdout = sys.__stdout__
   with open(printout) as f:
     results = results_from_printout(f.read())
   results.update(flags=flags, wall_seconds=round(seconds, 1), threads=torch.get_num_threads())
