@@ -216,6 +216,7 @@ def main():
   if not os.path.isfile(os.path.join(a.fed_mammoth, 'main.py')):
     p.error(f'{a.fed_mammoth} is not a fed-mammoth checkout (no main.py)')
   inputs = os.path.abspath(a.inputs)
+  out = os.path.abspath(a.out) if a.out else None
 
   sys.meta_path.insert(0, _EmptyModules())
   import numpy as np
@@ -235,7 +236,6 @@ def main():
           f'{float(np.abs(feats.numpy() - ref).max() / np.abs(ref).max()):.2e}')
     return
 
-  out = os.path.abspath(a.out)
   os.makedirs(out, exist_ok=True)
   on_cpu()
   printout = os.path.join(out, 'stdout.txt')
