@@ -12,7 +12,9 @@ published for them. `--reference` sets them beside runs of the PyTorch
 reference on the same setting (a JSON list of {method, local_epochs, seed,
 final_accuracy %}): per cell the difference of the means with a Welch 95%
 interval, per local-epoch count every pair of methods' difference on both
-sides (the ordering), and reference.png, every run as a point. Welch's interval
+sides (the ordering), and reference.png, every run as a point; runs of the
+reference replayed on this project's draws (`"replay": true`) are set beside
+this project's run of the same seed instead. Welch's interval
 trusts each side's own spread; Student's assumes one spread for both (the
 same setting), which matters when a side has only two runs.
 """
@@ -176,18 +178,41 @@ def bar_chart(path: str, cells) -> None:
   plt.close(fig)
 
 
-def load_reference(path: str) -> dict[tuple[str, int], list[float]]:
-  """(method, local_epochs) -> the reference's final accuracies (%)."""
+def load_reference(path: str) -> tuple[dict[tuple[str, int], list[float]], list[dict]]:
+  """((method, local_epochs) -> the reference's final accuracies (%) of its own
+  draws, the replayed runs). A run with "replay": true trained on this
+  project's draws of its seed (run_fed_mammoth.py --replay): it is set beside
+  that run, not counted as an independent draw."""
   try:
     with open(path) as f:
       runs = json.load(f)['runs']
     cells = collections.defaultdict(list)
     for r in runs:
-      cells[(r['method'], int(r['local_epochs']))].append(float(r['final_accuracy']))
+      if not r.get('replay'):
+        cells[(r['method'], int(r['local_epochs']))].append(float(r['final_accuracy']))
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise UserError(f'{path} is not a reference file ({type(e).__name__}: {e}); expected '
                     '{"runs": [{"method", "local_epochs", "final_accuracy"}, ...]}') from None
-  return dict(cells)
+  return dict(cells), [r for r in runs if r.get('replay')]
+
+
+def replay_table(results: list[dict], replays: list[dict]) -> str:
+  """Each replayed reference run beside this project's run of the same method,
+  local epochs and seed: the accuracy after each task on both sides (%)."""
+  pct = lambda xs: ', '.join(f'{x:.2f}' for x in xs)
+  lines = ['| method | local epochs | seed | after each task: this project | reference (replayed) | '
+           'largest difference |', '|---|---|---|---|---|---|']
+  for ref in sorted(replays, key=lambda r: (r['local_epochs'], r['method'], r['seed'])):
+    ours = [r for r in results if (r['method'], r.get('local_epochs'), r['seed']) ==
+            (ref['method'], ref['local_epochs'], ref['seed'])]
+    if not ours:
+      continue
+    mine = [100 * x for x in ours[0]['accuracy_per_task_end']]
+    theirs = ref['accuracy_after_each_task']
+    gap = max(abs(x - y) for x, y in zip(mine, theirs))
+    lines.append(f"| {ref['method']} | {ref['local_epochs']} | {ref['seed']} | {pct(mine)} | "
+                 f'{pct(theirs)} | {gap:.2f} |')
+  return '\n'.join(lines)
 
 
 def welch(a: list[float], b: list[float], level: float = 0.95) -> tuple[float, float | None]:
@@ -287,7 +312,7 @@ def main(argv=None) -> None:
   p.add_argument('--reference', default='',
                  help='JSON of the PyTorch reference\'s runs on an embedded config')
   args = p.parse_args(argv)
-  ref = load_reference(args.reference) if args.reference else None
+  ref, replays = load_reference(args.reference) if args.reference else (None, [])
   results = load_results(args.workdirs)
   cells = group(results)
   ours = ours_by_epochs(results) if ref is not None else None
@@ -297,6 +322,9 @@ def main(argv=None) -> None:
   if ref is not None:
     text += ('\n## Beside the PyTorch reference\n\n' +
              reference_tables(ours, ref) + '\n')
+    if replays:
+      text += ('\n### Replayed: the reference on this project\'s draws\n\n' +
+               replay_table(results, replays) + '\n')
   print(text)
   if args.out:
     os.makedirs(args.out, exist_ok=True)

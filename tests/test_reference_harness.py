@@ -1,15 +1,17 @@
-"""The two pure pieces of the PyTorch-reference harness (experiments/reference):
-the backbone's conversion to timm's names and layout, and reading the
-reference's printout. The harness's run itself needs torch and is checked by
-its own `--check` (docs/fidelity.md)."""
+"""The pure pieces of the PyTorch-reference harness (experiments/reference):
+the backbone's conversion to timm's names and layout, the draws exported for
+a replay, and reading the reference's printout. The harness's run itself needs
+torch and is checked by its own `--check` and by replayed runs (docs/fidelity.md)."""
 from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from experiments.reference.export_inputs import timm_state_dict
+from configs import smoke
+from experiments.reference.export_inputs import replay_arrays, timm_state_dict
 from experiments.reference.run_fed_mammoth import results_from_printout
+from lorm_jax.federated import setup, simulate
 from lorm_jax.models import vit
 
 CFG = vit.ViTConfig(image_size=28, patch_size=14, width=16, depth=2, num_heads=2, mlp_dim=64,
@@ -74,3 +76,43 @@ def test_results_are_the_last_evaluation_before_each_task_ends():
                'final_accuracy': 47.25}
   assert results_from_printout('no evaluation') == {
       'accuracy_after_each_task': [], 'per_task_accuracy': None, 'final_accuracy': None}
+
+
+def test_replay_export_holds_what_the_run_draws(tmp_path, monkeypatch):
+  """Every training pass's sample order, the server's LoRA A at each task's
+  first round and the initial head, as a smoke run (2 local epochs, uneven
+  clients) hands them to its training, are what the export writes."""
+  c = smoke.get_config()
+  c.unlock()
+  c.local_epochs = 2
+  c.lock()
+  seen = []
+  original = simulate.Passes.train
+
+  def recording(self, spec, frozen, server, plan, *args):
+    seen.append((np.asarray(plan[0]['idx']), np.asarray(plan[0]['mask']),
+                 {k: np.asarray(v) for k, v in server['a'].items()},
+                 {k: np.asarray(v) for k, v in server['head'].items()}))
+    return original(self, spec, frozen, server, plan, *args)
+
+  monkeypatch.setattr(simulate.Passes, 'train', recording)
+  simulate.run(c, str(tmp_path / 'run'), progress=False)
+  exp = setup.build_experiment(c, '', write=False)
+  z = replay_arrays(c, exp)
+  assert len(seen) == c.num_tasks * c.rounds
+  np.testing.assert_array_equal(z['replay:head.weight'], seen[0][3]['kernel'].T)
+  np.testing.assert_array_equal(z['replay:head.bias'], seen[0][3]['bias'])
+  for t, clients in enumerate(exp.split):
+    a = seen[t * c.rounds][2]  # the first round of a task trains from the fresh A
+    assert {f'replay:a{t}:model.{n}.weight' for n in a} <= set(z)
+    for n, v in a.items():
+      np.testing.assert_array_equal(z[f'replay:a{t}:model.{n}.weight'], v.T)
+    for k, idx in enumerate(clients):
+      orders = z[f'replay:order_{t}_{k}']
+      assert orders.shape == (c.rounds * c.local_epochs, len(idx))
+      assert all(sorted(o) == list(range(len(idx))) for o in orders)  # each epoch a permutation
+      for r in range(c.rounds):
+        idx_r, mask_r = seen[t * c.rounds + r][:2]
+        trained = idx_r[k][mask_r[k] > 0]
+        replayed = np.asarray(idx)[orders[r * c.local_epochs:(r + 1) * c.local_epochs]].ravel()
+        np.testing.assert_array_equal(replayed, trained)

@@ -13,6 +13,14 @@ One .npz (float32 unless said):
                          embeddings already resampled to the config's grid
   check_feats            (8, D) this project's final-norm class tokens of the
                          first 8 test images, for the other side's parity check
+and what this project draws from the config's seed, so that the reference can
+replay it (`run_fed_mammoth.py --replay`):
+  replay:order_{t}_{k}   (rounds * epochs, n) int64: client k's sample order in
+                         each local epoch of task t (positions in split_{t}_{k}),
+                         the permutations of this project's training plan
+  replay:head.weight/bias  the initial head (torch layout (K, D))
+  replay:a{t}:model.<name>  the server's LoRA A at the start of task t, (r, in)
+  replay:seed, replay:epochs, replay:rounds, replay:batch_size
 The config must describe a training without random augmentation (the images
 are written once).
 """
@@ -26,7 +34,8 @@ from flax import nnx
 from ml_collections import config_flags
 
 from lorm_jax.errors import ConfigError
-from lorm_jax.federated import setup
+from lorm_jax.federated import setup, simulate
+from lorm_jax.federated.runner import ClientRunner
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/fmnist_reference.py', 'Config file.',
                                           lock_config=True)
@@ -55,6 +64,31 @@ def timm_state_dict(flat: dict[str, np.ndarray], depth: int) -> dict[str, np.nda
   return {'w:model.' + k: np.ascontiguousarray(v, np.float32) for k, v in w.items()}
 
 
+def replay_arrays(c, exp) -> dict[str, np.ndarray]:
+  """What a run of config c draws from its seed, in the reference's terms:
+  the initial head, each task's LoRA A (the server's state at the task's
+  start) and every client's sample order in each local epoch (the training
+  pass's own plan, its batches joined)."""
+  server = simulate.initial_server(exp)
+  arrays = {'replay:head.weight': np.asarray(server['head']['kernel']).T,
+            'replay:head.bias': np.asarray(server['head']['bias']),
+            'replay:seed': np.int64(c.seed), 'replay:epochs': np.int64(c.local_epochs),
+            'replay:rounds': np.int64(c.rounds), 'replay:batch_size': np.int64(c.batch_size)}
+  passes = simulate.Passes(exp, ClientRunner(c.client_mode, c.clients_per_chunk))
+  for t, clients in enumerate(exp.split):
+    server = simulate.begin_task(exp, server, t)
+    arrays.update({f'replay:a{t}:model.{name}.weight': np.asarray(a).T  # (in, r) -> (r, in)
+                   for name, a in server['a'].items()})
+    ids = np.arange(len(clients))
+    plans = [passes.training_plan(t, r, ids)[0] for r in range(c.rounds)]
+    for k, idx in enumerate(clients):
+      position = np.full(len(exp.train_labels), -1)
+      position[np.asarray(idx)] = np.arange(len(idx))
+      joined = np.concatenate([p['idx'][k][p['mask'][k] > 0] for p in plans])
+      arrays[f'replay:order_{t}_{k}'] = position[joined].reshape(-1, len(idx))
+  return arrays
+
+
 def export(c, out: str) -> dict[str, tuple]:
   """Builds the experiment of config c and writes the .npz; returns its shapes."""
   if c.augment:
@@ -72,6 +106,7 @@ def export(c, out: str) -> dict[str, tuple]:
     for k, idx in enumerate(clients):
       arrays[f'split_{t}_{k}'] = np.asarray(idx, np.int64)
   arrays.update(timm_state_dict(flat, len(model.blocks)))
+  arrays.update(replay_arrays(c, exp))
   np.savez(out, **arrays)
   return {k: v.shape for k, v in arrays.items()}
 

@@ -21,6 +21,13 @@ What it adds around the reference, and nothing else:
 - empty modules for packages the reference's files import at module level
   but no image run uses (transformers, wandb, downloaders) and for the one
   module its repository lacks (`_networks.vit_powder`).
+With `--replay`, the reference draws nothing itself: the initial head, each
+task's LoRA A and every client's sample order in every local epoch are the
+ones this project draws from its seed (the export's `replay:` arrays), so the
+two implementations train the same trajectories up to float rounding. The
+order is replayed by a batch sampler whose passes with gradients enabled are
+the training epochs; its passes under `torch.no_grad()` (the Gram passes)
+keep file order, which a sum over samples does not see.
 `--check` compares the network's final-norm class tokens with the exported
 ones. After a run, DIR/results.json holds the accuracy after each task and
 the per-task row after the last, read from the reference's own printout.
@@ -74,13 +81,39 @@ class _EmptyModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     pass
 
 
-def register(inputs: str):
+class ReplayBatches:
+  """A batch sampler (positions in one client's data) that replays `orders`
+  (epochs, n), one row per pass taken with gradients enabled; passes under
+  `torch.no_grad()` run in file order."""
+
+  def __init__(self, orders, batch_size: int):
+    self.orders, self.batch_size, self.used = orders, batch_size, 0
+
+  def __len__(self):
+    return -(-self.orders.shape[1] // self.batch_size)
+
+  def __iter__(self):
+    import numpy as np
+    import torch
+    if torch.is_grad_enabled():
+      if self.used == len(self.orders):
+        raise RuntimeError(f'replay: a training pass beyond the {len(self.orders)} exported epochs')
+      order = self.orders[self.used]
+      self.used += 1
+    else:
+      order = np.arange(self.orders.shape[1])
+    for s in range(0, len(order), self.batch_size):
+      yield order[s:s + self.batch_size].tolist()
+
+
+def register(inputs: str, replay: bool = False):
   """Registers `seq-exported` and `vit-exported` with the reference's
-  factories; returns the network class."""
+  factories; returns the network class, the export and, with `replay`, the
+  list of the training loaders' samplers."""
   import numpy as np
   import timm
   import torch
-  from torch.utils.data import Dataset
+  from torch.utils.data import DataLoader, Dataset
 
   from _datasets import register_dataset
   from _datasets._utils import BaseDataset
@@ -89,6 +122,7 @@ def register(inputs: str):
 
   z = np.load(inputs)
   classes = int(z['train_y'].max()) + 1
+  samplers = []
 
   class Arrays(Dataset):
     def __init__(self, x, y):
@@ -121,6 +155,14 @@ def register(inputs: str):
         self.test_data.append([test_x[i] for i in shards])
         self.test_targets.append([torch.tensor(test_y)[i] for i in shards])
 
+    def get_cur_dataloaders(self, task: int):
+      train, test = super().get_cur_dataloaders(task)
+      if replay:
+        for k, loader in enumerate(train):
+          samplers.append(ReplayBatches(z[f'replay:order_{task}_{k}'], self.batch_size))
+          train[k] = DataLoader(loader.dataset, batch_sampler=samplers[-1])
+      return train, test
+
     def train_transform(self, x):
       return x
 
@@ -140,6 +182,9 @@ def register(inputs: str):
       missing, unexpected = self.model.load_state_dict(state, strict=False)
       if sorted(missing) != ['head.bias', 'head.weight'] or unexpected:
         raise ValueError(f'{inputs}: backbone does not fit: missing {missing}, unexpected {unexpected}')
+      if replay:
+        self.model.head.weight.data.copy_(torch.tensor(z['replay:head.weight']))
+        self.model.head.bias.data.copy_(torch.tensor(z['replay:head.bias']))
 
     def forward(self, x, penultimate=False, prelogits=False, block=None):
       m = self.model
@@ -156,7 +201,36 @@ def register(inputs: str):
         return feats[:, 0], m.forward_head(feats)
       return m(x)
 
-  return ViTExported, z
+  return ViTExported, z, samplers
+
+
+def replay_lora_init(model_name: str, z) -> None:
+  """After every `begin_task` of the model class: the exported A of the task
+  (B is zero there already), in place of the reference's kaiming draw."""
+  import torch
+  from torch import nn
+
+  from _models import model_factory
+  cls = model_factory(model_name)
+  begin_task = cls.begin_task
+
+  def replayed(self, *args, **kwargs):
+    begin_task(self, *args, **kwargs)
+    for key in self.lora_keys:
+      a = torch.tensor(z[f'replay:a{self.cur_task}:{key}'])
+      if a.shape != self.cur_A[key].shape:
+        raise ValueError(f'replay: A of {key} is {tuple(a.shape)}, the reference has {tuple(self.cur_A[key].shape)}')
+      self.cur_A[key] = nn.Parameter(a, requires_grad=True).to(self.device)
+
+  cls.begin_task = replayed
+
+
+def check_replay_flags(flags: list[str], z) -> None:
+  """The run's epochs, rounds and batch size must be those the export drew for."""
+  given = dict(f[2:].split('=', 1) for f in flags if f.startswith('--') and '=' in f)
+  for flag, key in (('num_epochs', 'epochs'), ('num_comm_rounds', 'rounds'), ('batch_size', 'batch_size')):
+    if given.get(flag) != str(int(z[f'replay:{key}'])):
+      raise SystemExit(f'--replay: --{flag}={given.get(flag)} but the export drew for {int(z[f"replay:{key}"])}')
 
 
 def on_cpu():
@@ -208,6 +282,8 @@ def main():
   p.add_argument('--out', help='output directory of the run')
   p.add_argument('--threads', type=int, default=0, help='torch threads (0: torch default)')
   p.add_argument('--check', action='store_true', help='only compare features with the export')
+  p.add_argument('--replay', action='store_true',
+                 help="train on this project's draws (head, LoRA A, sample orders) from the export")
   own = sys.argv[1:sys.argv.index('--')] if '--' in sys.argv else sys.argv[1:]
   flags = sys.argv[sys.argv.index('--') + 1:] if '--' in sys.argv else []
   a = p.parse_args(own)
@@ -225,7 +301,7 @@ def main():
     torch.set_num_threads(a.threads)
   sys.path.insert(0, os.path.abspath(a.fed_mammoth))
   os.chdir(a.fed_mammoth)
-  network, z = register(inputs)
+  network, z, samplers = register(inputs, a.replay)
 
   if a.check:
     net = network().eval()
@@ -238,6 +314,9 @@ def main():
 
   os.makedirs(out, exist_ok=True)
   on_cpu()
+  if a.replay:
+    check_replay_flags(flags, z)
+    replay_lora_init(dict(f[2:].split('=', 1) for f in flags if f.startswith('--model='))['model'], z)
   printout = os.path.join(out, 'stdout.txt')
   with open(printout, 'w') as log:
     sys.stdout = _Tee(sys.__stdout__, log)
@@ -251,6 +330,10 @@ def main():
   with open(printout) as f:
     results = results_from_printout(f.read())
   results.update(flags=flags, wall_seconds=round(seconds, 1), threads=torch.get_num_threads())
+  if a.replay:
+    used = [s.used for s in samplers if s.used]  # evaluations build training loaders too
+    results.update(replay_seed=int(z['replay:seed']), replayed_loaders=len(used),
+                   replayed_epochs_per_loader=sorted(set(used)))
   with open(os.path.join(out, 'results.json'), 'w') as f:
     json.dump(results, f, indent=1)
   print(json.dumps({k: results[k] for k in ('final_accuracy', 'per_task_accuracy')}))

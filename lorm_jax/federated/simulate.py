@@ -72,6 +72,10 @@ class Passes:
     work = np.where(filled > c.batch_size / 2, 1.0, np.where(filled > 0, 0.5, 0.0)).sum(-1)
     return {'idx': idx, 'mask': mask, 'key': keys}, work
 
+  def training_plan(self, task: int, rnd: int, ids: np.ndarray) -> tuple[dict, np.ndarray]:
+    """The local training's plan: `local_epochs` shuffled passes per client."""
+    return self.plan('shuffle', task, rnd, ids, self.exp.config.local_epochs)
+
   def train(self, spec: interface.LocalSpec, frozen: F.Flat, server: dict, plan: tuple,
             class_mask: jax.Array, aux, ctx):
     exp, runner = self.exp, self.runner
@@ -198,6 +202,20 @@ def run(config: ConfigDict, workdir: str, *, max_rounds: int | None = None,
       lock.release()
 
 
+def initial_server(exp: Experiment) -> dict:
+  """The server state before the first task: the method's, from the head's
+  and the first LoRA's draws of (seed, 'head_init') and (seed, 'lora_init', 0)."""
+  c = exp.config
+  head = F.init_head(rng.key(c.seed, 'head_init'), exp.model.cfg.width, exp.num_classes)
+  return exp.method.init_server(exp.params, head, rng.key(c.seed, 'lora_init', 0))
+
+
+def begin_task(exp: Experiment, server: dict, t: int) -> dict:
+  """The server state at the start of task t (a method's fresh LoRA drawn
+  from (seed, 'lora_init', t))."""
+  return exp.method.begin_task(server, t, rng.key(exp.config.seed, 'lora_init', t))
+
+
 def _run(config: ConfigDict, workdir: str, lock: checkpointing.WorkdirLock | None,
          max_rounds: int | None, progress: bool) -> dict[str, Any]:
   t_start = time.time()
@@ -212,9 +230,7 @@ def _run(config: ConfigDict, workdir: str, lock: checkpointing.WorkdirLock | Non
   log = metrics.MetricsLog(os.path.join(workdir, 'metrics.jsonl'), write=primary)
   say = tqdm.write if primary else (lambda _: None)
 
-  server = method.init_server(exp.params, F.init_head(rng.key(c.seed, 'head_init'),
-                                                      exp.model.cfg.width, exp.num_classes),
-                              rng.key(c.seed, 'lora_init', 0))
+  server = initial_server(exp)
   meta = RunMeta()
   restored = ckpt.restore_newest_readable(server, warn=say)
   if restored is not None:
@@ -240,7 +256,7 @@ def _run(config: ConfigDict, workdir: str, lock: checkpointing.WorkdirLock | Non
   while meta.task < num_tasks:
     t = meta.task
     if not meta.task_begun:
-      server = runner.replicate(method.begin_task(server, t, rng.key(c.seed, 'lora_init', t)))
+      server = runner.replicate(begin_task(exp, server, t))
       meta.task_begun = True
     while meta.round < rounds:
       if max_rounds is not None and rounds_this_call >= max_rounds:
@@ -303,7 +319,7 @@ def federated_round(exp: Experiment, passes: Passes, server: dict, t: int, r: in
     frozen_train = add_deltas(exp.params.frozen, deltas)
     aux, ctx = method.train_aux(server, t), method.forward_ctx(server, t)
     a_c, b_c, head_c, stats = jax.block_until_ready(passes.train(
-        spec, frozen_train, server, passes.plan('shuffle', t, r, ids, c.local_epochs),
+        spec, frozen_train, server, passes.training_plan(t, r, ids),
         class_mask, aux, ctx))
   stats = passes.runner.host(stats)
   _check_finite('training loss', stats['loss_sum'], t, r, clients=ids)
