@@ -15,6 +15,9 @@ What it adds around the reference, and nothing else:
   (ViT-S/14 with LayerScale at the exported image size) and a head from
   timm's init, with the forward of the reference's `vit` network less its
   resize to 224 px;
+- `--matmul_precision`: main.py calls torch.set_float32_matmul_precision('medium'),
+  which on a CPU with bfloat16 units (AMX, AVX512-BF16) runs float32 matmuls
+  with bfloat16 operands; 'highest' keeps them float32 (as this project's);
 - on a CPU: Lightning's default single-device strategy where main.py asks for
   'dp' (which this lightning turns into DDP), and a stand-in for the GPU's
   memory size that lorm.py reads to decide when to empty the CUDA cache;
@@ -225,6 +228,47 @@ def replay_lora_init(model_name: str, z) -> None:
   cls.begin_task = replayed
 
 
+def dump_server_rounds(model_name: str, out: str) -> None:
+  """After every `end_round_server`: the server's LoRA factors and head to
+  out/server_task{t}_round{r}.npz ('A:<key>' (r, in), 'B:<key>' (out, r),
+  'head.weight' (K, D), 'head.bias'), to set beside this project's state."""
+  import numpy as np
+
+  from _models import model_factory
+  cls = model_factory(model_name)
+  end_round_server = cls.end_round_server
+  rounds = {}
+
+  def dumped(self, *args, **kwargs):
+    result = end_round_server(self, *args, **kwargs)
+    r = rounds[self.cur_task] = rounds.get(self.cur_task, -1) + 1
+    head = self.network.model.head
+    arrays = {'head.weight': head.weight.detach().numpy(), 'head.bias': head.bias.detach().numpy()}
+    for key in self.lora_keys:
+      arrays[f'A:{key}'] = self.cur_A[key].detach().cpu().numpy()
+      arrays[f'B:{key}'] = self.cur_B[key].detach().cpu().numpy()
+    np.savez(os.path.join(out, f'server_task{self.cur_task}_round{r}.npz'), **arrays)
+    return result
+
+  cls.end_round_server = dumped
+  get_client_info = cls.get_client_info
+  clients = []
+
+  def dumped_client(self, *args, **kwargs):
+    info = get_client_info(self, *args, **kwargs)
+    if 'cur_A' in info:
+      here = (self.cur_task, getattr(self, 'cur_round', 0))
+      k = clients.count(here)
+      clients.append(here)
+      arrays = {f'A:{key}': v.detach().cpu().numpy() for key, v in info['cur_A'].items()}
+      arrays.update({f'B:{key}': v.detach().cpu().numpy() for key, v in info['cur_B'].items()})
+      arrays.update({k2: v.detach().cpu().numpy() for k2, v in info.get('head', {}).items()})
+      np.savez(os.path.join(out, f'client_task{here[0]}_round{here[1]}_{k}.npz'), **arrays)
+    return info
+
+  cls.get_client_info = dumped_client
+
+
 def check_replay_flags(flags: list[str], z) -> None:
   """The run's epochs, rounds and batch size must be those the export drew for."""
   given = dict(f[2:].split('=', 1) for f in flags if f.startswith('--') and '=' in f)
@@ -282,6 +326,12 @@ def main():
   p.add_argument('--out', help='output directory of the run')
   p.add_argument('--threads', type=int, default=0, help='torch threads (0: torch default)')
   p.add_argument('--check', action='store_true', help='only compare features with the export')
+  p.add_argument('--dump_rounds', action='store_true',
+                 help='save the server state after every round (server_task{t}_round{r}.npz) and '
+                      'what every client sends (client_task{t}_round{r}_{k}.npz)')
+  p.add_argument('--matmul_precision', choices=('highest', 'high', 'medium'),
+                 help="float32 matmul precision in place of the 'medium' that main.py sets "
+                      '(on a CPU with bfloat16 units, medium runs float32 matmuls in bfloat16)')
   p.add_argument('--replay', action='store_true',
                  help="train on this project's draws (head, LoRA A, sample orders) from the export")
   own = sys.argv[1:sys.argv.index('--')] if '--' in sys.argv else sys.argv[1:]
@@ -314,9 +364,15 @@ def main():
 
   os.makedirs(out, exist_ok=True)
   on_cpu()
+  if a.matmul_precision:
+    set_precision = torch.set_float32_matmul_precision
+    torch.set_float32_matmul_precision = lambda _: set_precision(a.matmul_precision)
+  model_name = dict(f[2:].split('=', 1) for f in flags if f.startswith('--model=')).get('model')
   if a.replay:
     check_replay_flags(flags, z)
-    replay_lora_init(dict(f[2:].split('=', 1) for f in flags if f.startswith('--model='))['model'], z)
+    replay_lora_init(model_name, z)
+  if a.dump_rounds:
+    dump_server_rounds(model_name, out)
   printout = os.path.join(out, 'stdout.txt')
   with open(printout, 'w') as log:
     sys.stdout = _Tee(sys.__stdout__, log)
@@ -329,7 +385,8 @@ def main():
     seconds = time.time() - start
   with open(printout) as f:
     results = results_from_printout(f.read())
-  results.update(flags=flags, wall_seconds=round(seconds, 1), threads=torch.get_num_threads())
+  results.update(flags=flags, wall_seconds=round(seconds, 1), threads=torch.get_num_threads(),
+                 float32_matmul_precision=torch.get_float32_matmul_precision())
   if a.replay:
     used = [s.used for s in samplers if s.used]  # evaluations build training loaders too
     results.update(replay_seed=int(z['replay:seed']), replayed_loaders=len(used),
