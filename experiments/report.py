@@ -198,19 +198,23 @@ def load_reference(path: str) -> tuple[dict[tuple[str, int], list[float]], list[
 
 def replay_table(results: list[dict], replays: list[dict]) -> str:
   """Each replayed reference run beside this project's run of the same method,
-  local epochs and seed: the accuracy after each task on both sides (%)."""
+  local epochs, seed and rounds (where the reference run names them): the
+  accuracy after each task on both sides (%)."""
   pct = lambda xs: ', '.join(f'{x:.2f}' for x in xs)
-  lines = ['| method | local epochs | seed | after each task: this project | reference (replayed) | '
-           'largest difference |', '|---|---|---|---|---|---|']
-  for ref in sorted(replays, key=lambda r: (r['local_epochs'], r['method'], r['seed'])):
+  lines = ['| method | local epochs | seed | reference float32 matmuls | after each task: this project | '
+           'reference (replayed) | largest difference |', '|---|---|---|---|---|---|---|']
+  for ref in sorted(replays, key=lambda r: (r['local_epochs'], r['method'], r['seed'],
+                                            r.get('float32_matmul_precision', ''))):
     ours = [r for r in results if (r['method'], r.get('local_epochs'), r['seed']) ==
-            (ref['method'], ref['local_epochs'], ref['seed'])]
+            (ref['method'], ref['local_epochs'], ref['seed'])
+            and ref.get('rounds', r.get('rounds')) == r.get('rounds')]
     if not ours:
       continue
     mine = [100 * x for x in ours[0]['accuracy_per_task_end']]
     theirs = ref['accuracy_after_each_task']
     gap = max(abs(x - y) for x, y in zip(mine, theirs))
-    lines.append(f"| {ref['method']} | {ref['local_epochs']} | {ref['seed']} | {pct(mine)} | "
+    lines.append(f"| {ref['method']} | {ref['local_epochs']} | {ref['seed']} | "
+                 f"{ref.get('float32_matmul_precision', 'not recorded')} | {pct(mine)} | "
                  f'{pct(theirs)} | {gap:.2f} |')
   return '\n'.join(lines)
 

@@ -94,7 +94,7 @@ def test_report_sets_runs_beside_the_reference(tmp_path, capsys):
       {'method': 'fedavg', 'local_epochs': 5, 'seed': 42, 'final_accuracy': 35.0},
       # replayed on this project's draws of seed 2: beside that run, not in the cell
       {'method': 'lorm', 'local_epochs': 5, 'seed': 2, 'final_accuracy': 33.5, 'replay': True,
-       'accuracy_after_each_task': [90.25, 33.5]}]}))
+       'accuracy_after_each_task': [90.25, 33.5], 'float32_matmul_precision': 'highest'}]}))
   report.main([str(tmp_path / n) for n in ('l1', 'l2', 'f1', 'f2')] +
               [f'--reference={ref}', f'--out={tmp_path / "out"}'])
   out = capsys.readouterr().out
@@ -104,7 +104,7 @@ def test_report_sets_runs_beside_the_reference(tmp_path, capsys):
   # the ordering: LoRM - averaging is -6 here, +4 (one averaging run) in the reference
   assert '| 5 | lorm - fedavg | -6.00 [' in out and '| +4.00 (no interval)' in out
   assert (tmp_path / 'out' / 'reference.png').stat().st_size > 0
-  assert '| lorm | 5 | 2 | 90.00, 34.00 | 90.25, 33.50 | 0.50 |' in out
+  assert '| lorm | 5 | 2 | highest | 90.00, 34.00 | 90.25, 33.50 | 0.50 |' in out
 
 
 def test_report_refuses_a_malformed_reference_file(tmp_path):
