@@ -228,50 +228,52 @@ def replay_lora_init(model_name: str, z) -> None:
   cls.begin_task = replayed
 
 
+def _save_factors(path: str, cur_a: dict, cur_b: dict, head: dict) -> None:
+  """One .npz of LoRA factors ('A:<key>' (r, in), 'B:<key>' (out, r)) and head tensors."""
+  import numpy as np
+  arrays = {k: v.detach().cpu().numpy() for k, v in head.items()}
+  arrays.update({f'A:{key}': v.detach().cpu().numpy() for key, v in cur_a.items()})
+  arrays.update({f'B:{key}': v.detach().cpu().numpy() for key, v in cur_b.items()})
+  np.savez(path, **arrays)
+
+
 def dump_server_rounds(model_name: str, out: str) -> None:
   """After every `end_round_server`: the server's LoRA factors and head to
-  out/server_task{t}_round{r}.npz ('A:<key>' (r, in), 'B:<key>' (out, r),
-  'head.weight' (K, D), 'head.bias'), to set beside this project's state."""
-  import numpy as np
+  out/server_task{t}_round{r}.npz ('head.weight' (K, D), 'head.bias'); after
+  every `get_client_info`: what the client sends, to
+  out/client_task{t}_round{r}_{k}.npz; to set beside this project's state."""
+  import collections
 
   from _models import model_factory
   cls = model_factory(model_name)
-  end_round_server = cls.end_round_server
-  rounds = {}
+  end_round_server, get_client_info = cls.end_round_server, cls.get_client_info
+  rounds, clients = collections.Counter(), collections.Counter()
 
   def dumped(self, *args, **kwargs):
     result = end_round_server(self, *args, **kwargs)
-    r = rounds[self.cur_task] = rounds.get(self.cur_task, -1) + 1
+    r = rounds[self.cur_task]
+    rounds[self.cur_task] += 1
     head = self.network.model.head
-    arrays = {'head.weight': head.weight.detach().numpy(), 'head.bias': head.bias.detach().numpy()}
-    for key in self.lora_keys:
-      arrays[f'A:{key}'] = self.cur_A[key].detach().cpu().numpy()
-      arrays[f'B:{key}'] = self.cur_B[key].detach().cpu().numpy()
-    np.savez(os.path.join(out, f'server_task{self.cur_task}_round{r}.npz'), **arrays)
+    _save_factors(os.path.join(out, f'server_task{self.cur_task}_round{r}.npz'), self.cur_A,
+                  self.cur_B, {'head.weight': head.weight, 'head.bias': head.bias})
     return result
-
-  cls.end_round_server = dumped
-  get_client_info = cls.get_client_info
-  clients = []
 
   def dumped_client(self, *args, **kwargs):
     info = get_client_info(self, *args, **kwargs)
     if 'cur_A' in info:
-      here = (self.cur_task, getattr(self, 'cur_round', 0))
-      k = clients.count(here)
-      clients.append(here)
-      arrays = {f'A:{key}': v.detach().cpu().numpy() for key, v in info['cur_A'].items()}
-      arrays.update({f'B:{key}': v.detach().cpu().numpy() for key, v in info['cur_B'].items()})
-      arrays.update({k2: v.detach().cpu().numpy() for k2, v in info.get('head', {}).items()})
-      np.savez(os.path.join(out, f'client_task{here[0]}_round{here[1]}_{k}.npz'), **arrays)
+      t, r = here = (self.cur_task, getattr(self, 'cur_round', 0))
+      k = clients[here]
+      clients[here] += 1
+      _save_factors(os.path.join(out, f'client_task{t}_round{r}_{k}.npz'), info['cur_A'],
+                    info['cur_B'], info.get('head', {}))
     return info
 
-  cls.get_client_info = dumped_client
+  cls.end_round_server, cls.get_client_info = dumped, dumped_client
 
 
-def check_replay_flags(flags: list[str], z) -> None:
-  """The run's epochs, rounds and batch size must be those the export drew for."""
-  given = dict(f[2:].split('=', 1) for f in flags if f.startswith('--') and '=' in f)
+def check_replay_flags(given: dict[str, str], z) -> None:
+  """The run's epochs, rounds and batch size (main.py's flags, name -> value)
+  must be those the export drew for."""
   for flag, key in (('num_epochs', 'epochs'), ('num_comm_rounds', 'rounds'), ('batch_size', 'batch_size')):
     if given.get(flag) != str(int(z[f'replay:{key}'])):
       raise SystemExit(f'--replay: --{flag}={given.get(flag)} but the export drew for {int(z[f"replay:{key}"])}')
@@ -367,12 +369,12 @@ def main():
   if a.matmul_precision:
     set_precision = torch.set_float32_matmul_precision
     torch.set_float32_matmul_precision = lambda _: set_precision(a.matmul_precision)
-  model_name = dict(f[2:].split('=', 1) for f in flags if f.startswith('--model=')).get('model')
+  given = dict(f[2:].split('=', 1) for f in flags if f.startswith('--') and '=' in f)
   if a.replay:
-    check_replay_flags(flags, z)
-    replay_lora_init(model_name, z)
+    check_replay_flags(given, z)
+    replay_lora_init(given.get('model'), z)
   if a.dump_rounds:
-    dump_server_rounds(model_name, out)
+    dump_server_rounds(given.get('model'), out)
   printout = os.path.join(out, 'stdout.txt')
   with open(printout, 'w') as log:
     sys.stdout = _Tee(sys.__stdout__, log)
