@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from lorm_jax.models import functional as F
 from lorm_jax.models import lora, npz, posemb
 from lorm_jax.models import vit
 
@@ -224,6 +225,54 @@ def test_bf16_compute_close_to_f32():
   assert 0 < rel < 3e-2, rel
   lref, lout = np.asarray(_logits(model, x)), np.asarray(_logits(bf16, x))
   assert np.abs(lout - lref).max() / np.abs(lref).max() < 3e-2
+
+
+def test_low_precision_dot_backward_is_float32_products_of_bfloat16_operands():
+  """Forward and both backward products of a bfloat16 dot: float32 sums of
+  bfloat16 operands (the cotangent rounded to bfloat16 first), against float64."""
+  rng = np.random.default_rng(5)
+  bf16 = lambda shape: jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(jnp.bfloat16)
+  x, w = bf16((3, 5, 8)), bf16((8, 6))
+  g = jnp.asarray(rng.standard_normal((3, 5, 6)), jnp.float32)
+  y, vjp = jax.vjp(lora.low_precision_dot, x, w, w.T)
+  dx, dw, dwt = vjp(g)
+  f64 = lambda a: np.asarray(a.astype(jnp.float32), np.float64)
+  g64 = f64(g.astype(jnp.bfloat16))  # what the products see
+  assert y.dtype == jnp.float32 and dx.dtype == jnp.bfloat16 and dw.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(y), f64(x) @ f64(w), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(f64(dx), (g64 @ f64(w).T).astype(np.float32).astype(
+      jnp.bfloat16).astype(np.float64), rtol=1e-2, atol=1e-2)
+  ref_dw = np.einsum('bti,bto->io', f64(x), g64)
+  np.testing.assert_allclose(f64(dw), ref_dw, rtol=1e-2, atol=1e-2)
+  assert not np.any(np.asarray(dwt, np.float32))
+
+
+def test_compute_view_changes_no_gradient():
+  """A bfloat16 model's compute view (kernels cast once, transposes added) gives
+  the LoRA gradients of the kernels cast inside the step; a float32 model's
+  view is its backbone itself."""
+  fm32 = F.FunctionalViT(_build())
+  p = fm32.initial_params()
+  assert fm32.compute_view(p.frozen) is p.frozen
+  fm = F.FunctionalViT(_build(dataclasses.replace(CFG, dtype='bfloat16')))
+  view = fm.compute_view(p.frozen)
+  for layer in fm.layer_names:
+    w = view[F.kernel_key(layer)]
+    assert w.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(view[layer + F.TRANSPOSED]), np.asarray(w.T))
+  x = _images()
+  b = {k: jnp.asarray(np.random.default_rng(2).standard_normal(v.shape) * 0.1, jnp.float32)
+       for k, v in p.b.items()}
+
+  @jax.jit
+  def grads(frozen):
+    loss = lambda b: jnp.sum(jnp.sin(fm.apply(frozen, p.a, b, p.head, x)[0]))
+    return jax.grad(loss)(b)
+
+  with_view, without = grads(view), grads(p.frozen)
+  for k in b:
+    np.testing.assert_allclose(np.asarray(with_view[k]), np.asarray(without[k]),
+                               rtol=1e-4, atol=1e-5 * float(np.abs(without[k]).max()))
 
 
 def test_lora_product_custom_vjp_matches_autodiff():

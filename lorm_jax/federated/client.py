@@ -122,7 +122,9 @@ def local_train(model: FunctionalViT, forward_fn: ForwardFn, spec: LocalSpec,
 
 def bind_forward(forward_fn: ForwardFn, model: FunctionalViT, frozen: Flat, ctx: Any
                  ) -> Callable[[Flat, Flat, Flat, jax.Array], tuple[jax.Array, jax.Array]]:
-  """(a, b, head, x) -> (logits, features) on one backbone and ctx."""
+  """(a, b, head, x) -> (logits, features) on one backbone and ctx; the
+  backbone's compute view is made here, once, outside the caller's loop."""
+  frozen = model.compute_view(frozen)
   return lambda a, b, head, x: forward_fn(model, frozen, a, b, head, ctx, x)
 
 
@@ -162,6 +164,7 @@ def gram_pass(model: FunctionalViT, preprocess: Preprocess, gram_mode: str | Non
   samples weigh 0. Returns ({layer: (in,) or (in, in)}, head Gram (D, D)).
   """
   d = model.cfg.width
+  frozen = model.compute_view(frozen)
 
   def zeros_for(name):
     n = a[name].shape[0]

@@ -20,9 +20,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lorm_jax.models import vit
+from lorm_jax.models import lora, vit
 
 Flat = dict[str, jax.Array]
+TRANSPOSED = '.kernel_t'  # key suffix of a compute view's transposed kernels
 
 
 def _key(path) -> str:
@@ -72,8 +73,30 @@ class FunctionalViT:
     return nnx.State.from_flat_path(pairs)
 
   def module(self, frozen: Flat, a: Flat, b: Flat, head: Flat) -> vit.ViT:
+    """The ViT holding these parameters; a compute view's transposed kernels
+    (`compute_view`) are attached to their layers."""
     states = [self._state(i, f) for i, f in enumerate((frozen, a, b, head))]
-    return nnx.merge(self.graphdef, *states)
+    model = nnx.merge(self.graphdef, *states)
+    for path, node in nnx.iter_graph(model):
+      if isinstance(node, lora.LoRALinear) and _key(path) + TRANSPOSED in frozen:
+        node.kernel_t = lora.KernelT(frozen[_key(path) + TRANSPOSED])
+    return model
+
+  def compute_view(self, frozen: Flat) -> Flat:
+    """frozen as one pass computes with it: unchanged for a float32 model; with
+    a reduced compute dtype, every LoRA layer's kernel (in, out) cast to it and
+    its transpose (out, in) added under 'layer.kernel_t', so that both the
+    forward product and the backward one read a kernel in its natural layout.
+    Call it outside a pass's loop over steps (one cast per pass, not per step).
+    """
+    dt = jnp.dtype(self.cfg.dtype)
+    if dt == jnp.float32:
+      return frozen
+    out = dict(frozen)
+    for layer in self.layer_names:
+      w = frozen[kernel_key(layer)].astype(dt)
+      out[kernel_key(layer)], out[layer + TRANSPOSED] = w, w.T
+    return out
 
   def apply(self, frozen: Flat, a: Flat, b: Flat, head: Flat, images: jax.Array, *,
             gram_mode: vit.GramMode = None, head_gram: bool = False,

@@ -32,6 +32,10 @@ class GramStat(nnx.Variable):
   """A Gram statistic sown by a layer during a Gram pass."""
 
 
+class KernelT(nnx.Variable):
+  """The frozen kernel transposed, (out, in), in the compute dtype: derived
+  from the kernel by a compute view for one pass, never stored or trained."""
+
 
 class LoRALinear(nnx.Module):
   """y = x @ W0 + (x @ a) @ b + bias, with W0 (in, out) frozen.
@@ -59,9 +63,45 @@ class LoRALinear(nnx.Module):
       self.gram = GramStat(grams_lib.gram_full(x, sample_weights))
     dt = jnp.dtype(self.dtype)
     xc = x.astype(dt)
-    y = jnp.dot(xc, self.kernel[...].astype(dt), preferred_element_type=jnp.float32)
+    w = self.kernel[...].astype(dt)
+    if dt == jnp.float32:
+      y = jnp.dot(xc, w, preferred_element_type=jnp.float32)
+    else:  # the transposed kernel of a compute view, else derived here (slower on CPU)
+      w_t = self.kernel_t[...] if hasattr(self, 'kernel_t') else w.T
+      y = low_precision_dot(xc, w, w_t.astype(dt))
     y = y + lora_product(xc, self.lora_a[...].astype(dt), self.lora_b[...].astype(dt))
     return y + self.bias[...]
+
+
+@jax.custom_vjp
+def low_precision_dot(x: jax.Array, w: jax.Array, w_t: jax.Array) -> jax.Array:
+  """x (..., in) @ w (in, out) for reduced-precision operands, accumulated in float32.
+
+  w_t is w transposed, (out, in), materialised outside the training loop
+  (`functional.FunctionalViT.compute_view`): the backward product g @ w^T
+  reads it in its natural layout. XLA:CPU runs a bfloat16 dot whose right
+  operand is contracted on its last axis, as autodiff's transpose of x @ w
+  is, in float32 (an upcast, ~6x slower than the bfloat16 dot with AMX;
+  docs/performance.md). The cotangent is rounded to w's dtype before both
+  backward products, as every matmul operand is.
+  """
+  del w_t
+  return jnp.dot(x, w, preferred_element_type=jnp.float32)
+
+
+def _lpd_fwd(x, w, w_t):
+  return low_precision_dot(x, w, w_t), (x, w, w_t)
+
+
+def _lpd_bwd(res, g):
+  x, w, w_t = res
+  g2 = g.reshape(-1, g.shape[-1]).astype(w.dtype)
+  dx = jnp.dot(g2, w_t, preferred_element_type=jnp.float32)
+  dw = jnp.dot(x.reshape(-1, x.shape[-1]).T, g2, preferred_element_type=jnp.float32)
+  return dx.reshape(x.shape).astype(x.dtype), dw.astype(w.dtype), jnp.zeros_like(w_t)
+
+
+low_precision_dot.defvjp(_lpd_fwd, _lpd_bwd)
 
 
 @jax.custom_vjp
