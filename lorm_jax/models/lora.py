@@ -62,31 +62,31 @@ class LoRALinear(nnx.Module):
     elif gram_mode == 'full':
       self.gram = GramStat(grams_lib.gram_full(x, sample_weights))
     dt = jnp.dtype(self.dtype)
-    xc = x.astype(dt)
     w = self.kernel[...].astype(dt)
     if dt == jnp.float32:
-      y = jnp.dot(xc, w, preferred_element_type=jnp.float32)
+      y = jnp.dot(x, w, preferred_element_type=jnp.float32)
     else:  # the transposed kernel of a compute view, else derived here (slower on CPU)
       w_t = self.kernel_t[...] if hasattr(self, 'kernel_t') else w.T
-      y = low_precision_dot(xc, w, w_t.astype(dt))
-    y = y + lora_product(xc, self.lora_a[...].astype(dt), self.lora_b[...].astype(dt))
+      y = low_precision_dot(x, w, w_t.astype(dt))
+    y = y + lora_product(x.astype(dt), self.lora_a[...].astype(dt), self.lora_b[...].astype(dt))
     return y + self.bias[...]
 
 
 @jax.custom_vjp
 def low_precision_dot(x: jax.Array, w: jax.Array, w_t: jax.Array) -> jax.Array:
-  """x (..., in) @ w (in, out) for reduced-precision operands, accumulated in float32.
+  """x (..., in) @ w (in, out) with x rounded to w's (reduced) dtype, summed in
+  float32: a float32 result, and a float32 input gradient summed likewise from
+  the cotangent rounded to w's dtype (torch's 'medium' float32 matmuls).
 
   w_t is w transposed, (out, in), materialised outside the training loop
   (`functional.FunctionalViT.compute_view`): the backward product g @ w^T
   reads it in its natural layout. XLA:CPU runs a bfloat16 dot whose right
   operand is contracted on its last axis, as autodiff's transpose of x @ w
   is, in float32 (an upcast, ~6x slower than the bfloat16 dot with AMX;
-  docs/performance.md). The cotangent is rounded to w's dtype before both
-  backward products, as every matmul operand is.
+  docs/performance.md).
   """
   del w_t
-  return jnp.dot(x, w, preferred_element_type=jnp.float32)
+  return jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
 
 
 def _lpd_fwd(x, w, w_t):
@@ -97,7 +97,8 @@ def _lpd_bwd(res, g):
   x, w, w_t = res
   g2 = g.reshape(-1, g.shape[-1]).astype(w.dtype)
   dx = jnp.dot(g2, w_t, preferred_element_type=jnp.float32)
-  dw = jnp.dot(x.reshape(-1, x.shape[-1]).T, g2, preferred_element_type=jnp.float32)
+  x2 = x.reshape(-1, x.shape[-1]).astype(w.dtype)
+  dw = jnp.dot(x2.T, g2, preferred_element_type=jnp.float32)
   return dx.reshape(x.shape).astype(x.dtype), dw.astype(w.dtype), jnp.zeros_like(w_t)
 
 
