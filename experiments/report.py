@@ -74,9 +74,13 @@ def load_results(paths: list[str]) -> list[dict]:
         raise UserError(f'{f} is not a readable results file ({e})') from None
       r['_path'] = os.path.dirname(f)
       cfg = os.path.join(r['_path'], 'config.json')
-      if 'local_epochs' not in r and os.path.exists(cfg):  # results of older runs
+      config = {}
+      if os.path.exists(cfg):
         with open(cfg) as fh:
-          r['local_epochs'] = json.load(fh).get('local_epochs')
+          config = json.load(fh)
+      if 'local_epochs' not in r:  # results of older runs
+        r['local_epochs'] = config.get('local_epochs')
+      r['matmuls'] = config.get('model', {}).get('dtype', 'float32')  # older runs: float32
       out.append(r)
   if not out:
     raise UserError(f'no results.json in {", ".join(paths)}; give finished run folders')
@@ -123,18 +127,20 @@ def local_table(results: list[dict]) -> str:
   for r in results:
     if r['dataset'] in BENCHMARKS:
       continue
-    rows[(r['method'], r['dataset'], r['beta'], r.get('local_epochs'))].append(r)
+    rows[(r['method'], r['dataset'], r['beta'], r.get('local_epochs'),
+          r.get('matmuls', 'float32'))].append(r)
   if not rows:
     return '(no runs on the embedded configs)'
-  lines = ['| method | dataset | beta | local epochs | final accuracy % | forgetting % | wall s '
-           '| runs |', '|---|---|---|---|---|---|---|---|']
-  for (m, d, beta, epochs), rs in sorted(rows.items(), key=lambda kv: tuple(map(str, kv[0]))):
+  lines = ['| method | dataset | beta | local epochs | matmuls | final accuracy % | forgetting % '
+           '| wall s | runs |', '|---|---|---|---|---|---|---|---|---|']
+  for (m, d, beta, epochs, mm), rs in sorted(rows.items(),
+                                             key=lambda kv: tuple(map(str, kv[0]))):
     acc = [100 * r['final_accuracy'] for r in rs]
     fgt = [100 * r['forgetting'] for r in rs]
     wall = np.mean([r['wall_seconds'] for r in rs])
     epochs = '-' if epochs is None else epochs
-    lines.append(f'| {m} | {d} | {beta} | {epochs} | {fmt(acc)} | {np.mean(fgt):.2f} | {wall:.0f} | '
-                 f'{len(rs)} |')
+    lines.append(f'| {m} | {d} | {beta} | {epochs} | {mm} | {fmt(acc)} | {np.mean(fgt):.2f} | '
+                 f'{wall:.0f} | {len(rs)} |')
   return '\n'.join(lines)
 
 
@@ -255,11 +261,19 @@ def _interval(diff: float, half: float | None) -> str:
 
 
 def ours_by_epochs(results: list[dict]) -> dict[tuple[str, int], list[float]]:
-  """(method, local_epochs) -> this project's final accuracies (%), embedded configs only."""
-  cells = collections.defaultdict(list)
+  """(method, local_epochs) -> this project's final accuracies (%), embedded configs only.
+  Runs of one cell at different matmul precisions are refused (report them separately)."""
+  cells, precisions = collections.defaultdict(list), collections.defaultdict(set)
   for r in results:
     if r['dataset'] not in BENCHMARKS and r.get('local_epochs') is not None:
-      cells[(r['method'], int(r['local_epochs']))].append(100.0 * r['final_accuracy'])
+      key = (r['method'], int(r['local_epochs']))
+      cells[key].append(100.0 * r['final_accuracy'])
+      precisions[key].add(r.get('matmuls', 'float32'))
+  mixed = sorted(f'{m} at {e} epochs ({", ".join(sorted(p))})'
+                 for (m, e), p in precisions.items() if len(p) > 1)
+  if mixed:
+    raise UserError(f'runs at different matmul precisions in one cell: {"; ".join(mixed)}; '
+                    'report each precision separately')
   return dict(cells)
 
 

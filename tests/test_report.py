@@ -25,7 +25,7 @@ def test_report_groups_seeds_and_sets_published_numbers(tmp_path, capsys):
   text = (tmp_path / 'out' / 'report.md').read_text()
   assert '85.00 +- 7.07 (n=2) / 86.95 (-1.95)' in text
   assert 'no run / 72.48' in text  # LoRM on ImageNet-R: nothing run
-  assert '| fedavg | fashion_mnist | 0.5 | - | 50.00 |' in text
+  assert '| fedavg | fashion_mnist | 0.5 | - | float32 | 50.00 |' in text
   assert (tmp_path / 'out' / 'report.png').stat().st_size > 0
 
 
@@ -61,7 +61,7 @@ def test_report_lists_runs_with_local_epochs_and_per_task_rows(tmp_path, capsys)
     (p / 'config.json').write_text(json.dumps({'local_epochs': 5}))  # an older results.json
   report.main([str(tmp_path / 'lorm_seed42'), str(tmp_path / 'lorm_seed1')])
   out = capsys.readouterr().out
-  assert '| lorm | fashion_mnist | 0.5 | 5 | 32.50 +- 10.61 (n=2) |' in out
+  assert '| lorm | fashion_mnist | 0.5 | 5 | float32 | 32.50 +- 10.61 (n=2) |' in out
   assert '| lorm | 5 | 42 | 25.00 | 50.00, 25.00 | 90.00, 25.00 |' in out
 
 
@@ -105,6 +105,30 @@ def test_report_sets_runs_beside_the_reference(tmp_path, capsys):
   assert '| 5 | lorm - fedavg | -6.00 [' in out and '| +4.00 (no interval)' in out
   assert (tmp_path / 'out' / 'reference.png').stat().st_size > 0
   assert '| lorm | 5 | 2 | highest | 90.00, 34.00 | 90.25, 33.50 | 0.50 |' in out
+
+
+def test_report_keeps_matmul_precisions_apart(tmp_path, capsys):
+  """Runs in bfloat16 and float32 get rows of their own, and are never pooled
+  into one cell beside the reference."""
+  for name, dtype, acc in (('b1', 'bfloat16', 0.30), ('b2', 'bfloat16', 0.34), ('f1', 'float32', 0.2)):
+    p = tmp_path / name
+    p.mkdir()
+    (p / 'results.json').write_text(json.dumps({
+        'method': 'lorm', 'dataset': 'fashion_mnist', 'beta': 0.5, 'seed': 1, 'local_epochs': 5,
+        'final_accuracy': acc, 'forgetting': 0.1, 'wall_seconds': 1.0}))
+    (p / 'config.json').write_text(json.dumps({'local_epochs': 5, 'model': {'dtype': dtype}}))
+  report.main([str(tmp_path / n) for n in ('b1', 'b2', 'f1')])
+  out = capsys.readouterr().out
+  assert '| lorm | fashion_mnist | 0.5 | 5 | bfloat16 | 32.00 +- 2.83 (n=2) |' in out
+  assert '| lorm | fashion_mnist | 0.5 | 5 | float32 | 20.00 |' in out
+  ref = tmp_path / 'reference.json'
+  ref.write_text(json.dumps({'runs': [
+      {'method': 'lorm', 'local_epochs': 5, 'seed': 42, 'final_accuracy': 38.0}]}))
+  with pytest.raises(SystemExit) as exit_info:
+    report.main([str(tmp_path / n) for n in ('b1', 'b2', 'f1')] + [f'--reference={ref}'])
+  assert exit_info.value.code == 2
+  assert ('error: runs at different matmul precisions in one cell: lorm at 5 epochs '
+          '(bfloat16, float32)') in capsys.readouterr().err
 
 
 def test_report_refuses_a_malformed_reference_file(tmp_path):
