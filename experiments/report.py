@@ -128,7 +128,7 @@ def local_table(results: list[dict]) -> str:
     if r['dataset'] in BENCHMARKS:
       continue
     rows[(r['method'], r['dataset'], r['beta'], r.get('local_epochs'),
-          r.get('matmuls', 'float32'))].append(r)
+          r['matmuls'])].append(r)
   if not rows:
     return '(no runs on the embedded configs)'
   lines = ['| method | dataset | beta | local epochs | matmuls | final accuracy % | forgetting % '
@@ -268,7 +268,7 @@ def ours_by_epochs(results: list[dict]) -> dict[tuple[str, int], list[float]]:
     if r['dataset'] not in BENCHMARKS and r.get('local_epochs') is not None:
       key = (r['method'], int(r['local_epochs']))
       cells[key].append(100.0 * r['final_accuracy'])
-      precisions[key].add(r.get('matmuls', 'float32'))
+      precisions[key].add(r['matmuls'])
   mixed = sorted(f'{m} at {e} epochs ({", ".join(sorted(p))})'
                  for (m, e), p in precisions.items() if len(p) > 1)
   if mixed:

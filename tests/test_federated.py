@@ -128,9 +128,9 @@ def test_client_chunks_do_not_change_results(smoke_run, tmp_path):
 
 
 def test_bfloat16_backbone_trains_like_float32(smoke_run, tmp_path):
-  """model.dtype=bfloat16 (the default's precision): the same draws give each
-  round's training loss within bfloat16 rounding of the float32 run's in the
-  first round, and the run completes with finite, valid results."""
+  """model.dtype=bfloat16 (the reference's precision as released): on the same
+  draws the first round's training loss is within bfloat16 rounding of the
+  float32 run's, and the run completes with valid results."""
   workdir, full = smoke_run
   res = simulate.run(smoke_config(**{'model.dtype': 'bfloat16'}), str(tmp_path), progress=False)
   rounds = lambda d: [r for r in map(json.loads, open(os.path.join(d, 'metrics.jsonl')))

@@ -65,9 +65,8 @@ class LoRALinear(nnx.Module):
     w = self.kernel[...].astype(dt)
     if dt == jnp.float32:
       y = jnp.dot(x, w, preferred_element_type=jnp.float32)
-    else:  # the transposed kernel of a compute view, else derived here (slower on CPU)
-      w_t = self.kernel_t[...] if hasattr(self, 'kernel_t') else w.T
-      y = low_precision_dot(x, w, w_t.astype(dt))
+    else:  # the transposed kernel of a compute view (already dt), else derived here (slower on CPU)
+      y = low_precision_dot(x, w, self.kernel_t[...] if hasattr(self, 'kernel_t') else w.T)
     y = y + lora_product(x.astype(dt), self.lora_a[...].astype(dt), self.lora_b[...].astype(dt))
     return y + self.bias[...]
 
