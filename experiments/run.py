@@ -18,6 +18,9 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_c
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder (results, checkpoints).')
 _MAX_ROUNDS = flags.DEFINE_integer('max_rounds', None, 'Stop after this many rounds (the '
                                    'checkpoint stays; rerun to continue).')
+_KEEP = flags.DEFINE_integer('keep_checkpoints', 2, 'Checkpoints kept in the workdir, newest '
+                             'first (0: every one, e.g. to replay a round with '
+                             'experiments.replay_round).')
 _CPU_DEVICES = flags.DEFINE_integer('cpu_devices', 0, 'CPU devices to declare when JAX runs on '
                                     'the CPU (0: one per available core; clients are spread '
                                     'over them). Ignored on GPUs and TPUs.')
@@ -34,12 +37,15 @@ flags.mark_flags_as_required(['config', 'workdir'])
 @errors.report_user_errors
 def main(argv):
   del argv
+  if _KEEP.value < 0:
+    raise errors.UserError(f'--keep_checkpoints={_KEEP.value}: expected 0 (all) or more')
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   runtime.set_cpu_devices(_CPU_DEVICES.value)
   if _DISTRIBUTED.value or _COORDINATOR.value:
     runtime.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   runtime.enable_compilation_cache()  # after joining: then only process 0 writes the cache
-  results = simulate.run(_CONFIG.value, _WORKDIR.value, max_rounds=_MAX_ROUNDS.value)
+  results = simulate.run(_CONFIG.value, _WORKDIR.value, max_rounds=_MAX_ROUNDS.value,
+                         keep_checkpoints=_KEEP.value)
   if not runtime.is_primary():
     return
   if not results:

@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 
 from configs import smoke
+from lorm_jax import errors
 from lorm_jax.data import augment
 from lorm_jax.data.errors import DataError
 from lorm_jax.federated import batching, client, setup, simulate
@@ -95,6 +96,25 @@ def test_resume_after_kill_gives_identical_results(smoke_run, tmp_path):
   assert _strip(resumed) == _strip(full)
   lines = open(os.path.join(workdir, 'metrics.jsonl')).read().splitlines()
   assert len(lines) == 2 * 2 + 2
+
+
+def test_replayed_round_reproduces_the_run_and_other_draws_differ(tmp_path):
+  """experiments.replay_round: the round after a checkpoint, replayed with the
+  run's own draws, gives the run's next checkpoint bit for bit; other draws
+  train a different model; every replay is evaluated."""
+  from experiments import replay_round
+  workdir = str(tmp_path)
+  assert simulate.run(smoke_config(), workdir, max_rounds=2, progress=False,
+                      keep_checkpoints=0) == {}
+  records = replay_round.replay(workdir, step=1, shuffles=2)
+  own, other = records
+  assert (own['task'], own['round'], own['shuffle']) == (0, 1, 0)
+  assert own['max_abs_diff_to_run'] == 0.0
+  assert 'max_abs_diff_to_run' not in other
+  assert other['train_loss'] != own['train_loss']
+  assert all(0.0 <= r['test_accuracy'] <= 1.0 for r in records)
+  with pytest.raises(errors.CheckpointError, match='no checkpoint 9'):
+    replay_round.replay(workdir, step=9, shuffles=1)
 
 
 def test_resume_truncates_metrics_written_after_the_checkpoint(smoke_run, tmp_path):

@@ -118,6 +118,17 @@ def check_workdir(c: ConfigDict, workdir: str) -> None:
                       f'{", ".join(diff)}); use another --workdir or --config.overwrite=True')
 
 
+def load_workdir_config(workdir: str) -> ConfigDict:
+  """The config a run wrote to workdir/config.json (one-line ConfigError if none)."""
+  path = os.path.join(workdir, 'config.json')
+  try:
+    with open(path) as f:
+      return ConfigDict(json.load(f))
+  except (OSError, json.JSONDecodeError) as e:
+    raise ConfigError(f'{path}: no readable run config ({type(e).__name__}); '
+                      f'is {workdir} the workdir of a run?') from None
+
+
 def _config_diff(old: dict, c: ConfigDict) -> list[str]:
   """Top-level keys where a workdir's config.json and c differ, `overwrite` aside."""
   new = json.loads(c.to_json_best_effort())

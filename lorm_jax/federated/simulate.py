@@ -55,6 +55,9 @@ class Passes:
     # clients compute padded steps, so they pad only to the pass's largest client.
     self._max_client = max(len(ix) for clients in exp.split for ix in clients)
     self._fixed_steps = runner.sequential
+    # Set by experiments.replay_round: local training draws the shuffles of
+    # this round index instead of its own (None: its own).
+    self.redraw_round: int | None = None
 
   def plan(self, purpose: str, task: int, rnd: int, ids: np.ndarray, epochs: int
            ) -> tuple[dict, np.ndarray]:
@@ -74,6 +77,7 @@ class Passes:
 
   def training_plan(self, task: int, rnd: int, ids: np.ndarray) -> tuple[dict, np.ndarray]:
     """The local training's plan: `local_epochs` shuffled passes per client."""
+    rnd = rnd if self.redraw_round is None else self.redraw_round
     return self.plan('shuffle', task, rnd, ids, self.exp.config.local_epochs)
 
   def train(self, spec: interface.LocalSpec, frozen: F.Flat, server: dict, plan: tuple,
@@ -184,11 +188,12 @@ def add_deltas(frozen: F.Flat, deltas: F.Flat) -> F.Flat:
 
 
 def run(config: ConfigDict, workdir: str, *, max_rounds: int | None = None,
-        progress: bool = True) -> dict[str, Any]:
+        progress: bool = True, keep_checkpoints: int = 2) -> dict[str, Any]:
   """Runs (or resumes) the simulation in `workdir`; returns the results dict.
 
   max_rounds: stop after this many rounds in this call (for kill/resume tests);
-  returns {} if stopped early.
+  returns {} if stopped early. keep_checkpoints: how many of the newest
+  checkpoints stay (0: all).
   """
   # In a multi-process run every process runs this loop; process 0 alone
   # holds the workdir and writes metrics, results and plots (checkpoints go
@@ -196,7 +201,7 @@ def run(config: ConfigDict, workdir: str, *, max_rounds: int | None = None,
   primary = runtime.is_primary()
   lock = checkpointing.WorkdirLock(workdir) if primary else None
   try:
-    return _run(config, workdir, lock, max_rounds, progress and primary)
+    return _run(config, workdir, lock, max_rounds, progress and primary, keep_checkpoints)
   finally:
     if lock is not None:
       lock.release()
@@ -216,17 +221,23 @@ def begin_task(exp: Experiment, server: dict, t: int) -> dict:
   return exp.method.begin_task(server, t, rng.key(exp.config.seed, 'lora_init', t))
 
 
+def prepare(config: ConfigDict, workdir: str, lock: checkpointing.WorkdirLock | None = None,
+            write: bool = False) -> tuple[Experiment, Passes]:
+  """The run's static inputs (the method's task structure applied, data on
+  every device) and its client passes."""
+  exp = _apply_task_structure(build_experiment(config, workdir, lock, write=write))
+  runner = ClientRunner(config.client_mode, config.clients_per_chunk)
+  exp = _replicate_inputs(exp, runner)
+  return exp, Passes(exp, runner)
+
+
 def _run(config: ConfigDict, workdir: str, lock: checkpointing.WorkdirLock | None,
-         max_rounds: int | None, progress: bool) -> dict[str, Any]:
+         max_rounds: int | None, progress: bool, keep_checkpoints: int = 2) -> dict[str, Any]:
   t_start = time.time()
   primary = lock is not None
-  exp = _apply_task_structure(build_experiment(config, workdir, lock, write=primary))
-  c = config
-  method = exp.method
-  runner = ClientRunner(c.client_mode, c.clients_per_chunk)
-  exp = _replicate_inputs(exp, runner)
-  passes = Passes(exp, runner)
-  ckpt = checkpointing.Checkpointer(workdir)
+  exp, passes = prepare(config, workdir, lock, write=primary)
+  c, method, runner = config, exp.method, passes.runner
+  ckpt = checkpointing.Checkpointer(workdir, max_to_keep=keep_checkpoints or None)
   log = metrics.MetricsLog(os.path.join(workdir, 'metrics.jsonl'), write=primary)
   say = tqdm.write if primary else (lambda _: None)
 
