@@ -43,9 +43,10 @@ def replay(workdir: str, step: int, shuffles: int, dtype: str = '') -> list[dict
   if dtype:
     config.model.dtype = dtype
   ckpt = checkpointing.Checkpointer(workdir, max_to_keep=None)
-  if step not in ckpt.manager.all_steps():
+  steps = sorted(ckpt.manager.all_steps())
+  if step not in steps:
     raise errors.CheckpointError(f'{workdir}: no checkpoint {step} (there are '
-                                 f'{sorted(ckpt.manager.all_steps())}; run with --keep_checkpoints=0 '
+                                 f'{steps}; run with --keep_checkpoints=0 '
                                  'to keep every one)')
   exp, passes = simulate.prepare(config, workdir)
   template = simulate.initial_server(exp)
@@ -59,7 +60,7 @@ def replay(workdir: str, step: int, shuffles: int, dtype: str = '') -> list[dict
     server = simulate.begin_task(exp, server, t)
   server = passes.runner.replicate(server)
   following = None
-  if step + 1 in ckpt.manager.all_steps():
+  if step + 1 in steps:
     following, next_meta = ckpt.restore(template, step + 1)
     following = following if (next_meta['task'], next_meta['round']) == (t, r + 1) else None
 

@@ -232,7 +232,7 @@ def prepare(config: ConfigDict, workdir: str, lock: checkpointing.WorkdirLock | 
 
 
 def _run(config: ConfigDict, workdir: str, lock: checkpointing.WorkdirLock | None,
-         max_rounds: int | None, progress: bool, keep_checkpoints: int = 2) -> dict[str, Any]:
+         max_rounds: int | None, progress: bool, keep_checkpoints: int) -> dict[str, Any]:
   t_start = time.time()
   primary = lock is not None
   exp, passes = prepare(config, workdir, lock, write=primary)
