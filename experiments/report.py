@@ -81,6 +81,7 @@ def load_results(paths: list[str]) -> list[dict]:
       if 'local_epochs' not in r:  # results of older runs
         r['local_epochs'] = config.get('local_epochs')
       r['matmuls'] = config.get('model', {}).get('dtype', 'float32')  # older runs: float32
+      r['_config'] = config
       out.append(r)
   if not out:
     raise UserError(f'no results.json in {", ".join(paths)}; give finished run folders')
@@ -103,7 +104,48 @@ def fmt(values: list[float]) -> str:
   return f'{np.mean(values):.2f} +- {np.std(values, ddof=1):.2f} (n={len(values)})'
 
 
-def paper_table(cells) -> str:
+# What makes a run the paper's protocol: these fields as configs/paper.py sets
+# them for the run's dataset and beta (the weights by file name).
+PROTOCOL_KEYS = ('model.name', 'model.weights', 'model.rank', 'image_size', 'num_tasks',
+                 'classes_per_task', 'rounds', 'local_epochs', 'num_clients', 'batch_size',
+                 'lr_head', 'lr_a', 'lr_b', 'alpha_head', 'alpha_backbone', 'participation_rate',
+                 'clients_per_round', 'dataset.train_per_class', 'dataset.test_per_class')
+
+
+def protocol_deviations(r: dict) -> list[str]:
+  """The config fields in which a run on a paper benchmark differs from the
+  paper's protocol ([] when it follows it, or when its config.json is absent)."""
+  config = r.get('_config') or {}
+  if r['dataset'] not in BENCHMARKS or not config:
+    return []
+  from configs import paper  # pylint: disable=import-outside-toplevel
+  try:
+    want = json.loads(paper.paper_config(r['dataset'], f"beta={r['beta']}").to_json())
+  except ValueError:
+    return ['beta']
+
+  def get(c, dotted):
+    for part in dotted.split('.'):
+      c = c.get(part) if isinstance(c, dict) else None
+    return os.path.basename(c) if dotted == 'model.weights' and isinstance(c, str) else c
+  return [k for k in PROTOCOL_KEYS if get(config, k) != get(want, k)]
+
+
+def deviating_cells(results: list[dict]) -> dict[tuple[str, str], list[str]]:
+  """(method, dataset) -> '<run folder>: differs in <fields>' for each run of a
+  paper cell that is not the paper's protocol."""
+  out = collections.defaultdict(list)
+  for r in results:
+    keys = protocol_deviations(r)
+    if keys:
+      out[(r['method'], r['dataset'])].append(f"{r['_path']}: differs in {', '.join(keys)}")
+  return out
+
+
+def paper_table(cells, deviating=None) -> str:
+  """Ours / published (difference) per method and benchmark; a cell holding a
+  run that is not the paper's protocol is marked * and its runs listed below."""
+  deviating = deviating or {}
   methods = [m for m in METHOD_ORDER if m in PUBLISHED or any(k[0] == m for k in cells)]
   head = '| method | ' + ' | '.join(TITLES[b] for b in BENCHMARKS) + ' |'
   lines = [head, '|---|' + '---|' * len(BENCHMARKS)]
@@ -115,10 +157,14 @@ def paper_table(cells) -> str:
       pub_s = f'{pub:.2f}' if pub is not None else 'n/a'
       if ours:
         diff = f' ({np.mean(ours) - pub:+.2f})' if pub is not None else ''
-        row.append(f'{fmt(ours)} / {pub_s}{diff}')
+        mark = '*' if (m, b) in deviating else ''
+        row.append(f'{fmt(ours)}{mark} / {pub_s}{diff}')
       else:
         row.append(f'no run / {pub_s}')
     lines.append(f'| {m} | ' + ' | '.join(row) + ' |')
+  if deviating:
+    lines.append('\n\\* not the paper\'s protocol (configs/paper.py), so not comparable:')
+    lines += [f'- {line}' for runs in deviating.values() for line in runs]
   return '\n'.join(lines)
 
 
@@ -334,7 +380,8 @@ def main(argv=None) -> None:
   results = load_results(args.workdirs)
   cells = group(results)
   ours = ours_by_epochs(results) if ref is not None else None
-  text = ('## Paper benchmarks (ours / published, difference)\n\n' + paper_table(cells) +
+  text = ('## Paper benchmarks (ours / published, difference)\n\n' +
+          paper_table(cells, deviating_cells(results)) +
           '\n\n## Embedded configs (no published numbers)\n\n' + local_table(results) +
           '\n\n### Runs\n\n' + runs_table(results) + '\n')
   if ref is not None:

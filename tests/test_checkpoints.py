@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from lorm_jax import download
 from lorm_jax.models import augreg, dinov2_onnx, npz, posemb
 from lorm_jax.models import pretrained
 from lorm_jax.models import vit
@@ -220,7 +221,7 @@ def test_augreg_not_augreg(tmp_path):
 
 
 def test_augreg_download_fails_fast_without_network(tmp_path):
-  with pytest.raises(CheckpointError, match='cannot download'):
+  with pytest.raises(download.DownloadError, match='cannot download'):
     pretrained.download_augreg_b16(tmp_path, url='http://127.0.0.1:9/B_16.npz', timeout=2.0)
   assert not list(tmp_path.iterdir())  # no partial file left behind
 

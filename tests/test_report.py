@@ -136,3 +136,19 @@ def test_report_refuses_a_malformed_reference_file(tmp_path):
   bad.write_text(json.dumps({'runs': [{'method': 'lorm'}]}))
   with pytest.raises(UserError, match='is not a reference file'):
     report.load_reference(str(bad))
+
+
+def test_runs_off_the_paper_protocol_are_marked(tmp_path, capsys):
+  from configs import paper
+  for name, rounds in (('paper', 5), ('short', 1)):
+    _write(tmp_path / name, 'lorm', 'cifar100', 0.8, 0)
+    c = paper.paper_config('cifar100', 'beta=0.5')
+    c.unlock()
+    c.rounds = rounds
+    (tmp_path / name / 'config.json').write_text(c.to_json())
+  report.main([str(tmp_path / 'paper')])
+  assert '80.00 / 86.95 (-6.95)' in capsys.readouterr().out
+  report.main([str(tmp_path / 'paper'), str(tmp_path / 'short')])
+  out = capsys.readouterr().out
+  assert '80.00 +- 0.00 (n=2)* / 86.95' in out
+  assert f'- {tmp_path / "short"}: differs in rounds' in out and f'{tmp_path / "paper"}:' not in out

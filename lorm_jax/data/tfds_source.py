@@ -550,14 +550,7 @@ def prepare_from_manual_dir(name: str, data_dir: str, manual_dir: str) -> str:
   source = _manual_source(f, os.fspath(manual_dir))
   root_name = f.manual_tar[:-4]
 
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
-  base = tfds.builder_cls(f.tfds_name)
   is_r = f.name == "imagenet_r"
-
-  def split_generators(self, dl_manager):
-    del self, dl_manager
-    return {f.holdout_from: examples()}
 
   def examples():
     for synset, fname, data in _iter_manual(source, root_name):
@@ -567,13 +560,47 @@ def prepare_from_manual_dir(name: str, data_dir: str, manual_dir: str) -> str:
       else:  # mirrors imagenet_a_dataset_builder (0.1.0)
         yield fname, {"image": data, "label": synset, "file_name": fname}
 
+  return write_offline(f.name, data_dir,
+                       lambda builder: {f.holdout_from: examples()},
+                       manual_dir=manual_dir)
+
+
+def write_offline(name: str, data_dir: str | os.PathLike,
+                  split_examples, manual_dir: str | os.PathLike | None = None) -> str:
+  """Writes a dataset with the real tfds builder of ``name`` (its name,
+  version, config, features and file layout: what ``tfds build
+  --file_format=array_record`` writes), from examples made here instead of
+  the builder's own download and TensorFlow-based reading.
+
+  Args:
+    name: registry name (its tfds builder and config are used).
+    data_dir: tfds data_dir to write into.
+    split_examples: ``fn(builder) -> {split: iterator of (key, example)}``;
+      examples hold already-encoded image bytes (tfds stores them as they
+      are; encoding arrays would need TensorFlow). It may set label names on
+      ``builder.info.features`` first, as the real builders do.
+    manual_dir: passed to tfds' DownloadConfig (unused by the examples).
+
+  Returns:
+    The written version folder.
+  """
+  f = facts(name)
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  base = tfds.builder_cls(f.tfds_name)
+
+  def split_generators(self, dl_manager):
+    del dl_manager
+    return split_examples(self)
+
   with tfds.core.registered.skip_registration():
     offline = type(f"Offline_{f.tfds_name}", (base,), {
         "name": f.tfds_name,
         "_split_generators": split_generators,
-        "_generate_examples": lambda self, **kw: examples(),
+        "_generate_examples": lambda self, **kw: iter(()),
     })
-  builder = offline(data_dir=os.fspath(data_dir), file_format="array_record")
+  kwargs = {"config": f.config} if f.config else {}
+  builder = offline(data_dir=os.fspath(data_dir), file_format="array_record", **kwargs)
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=os.fspath(manual_dir), try_download_gcs=False))
+      manual_dir=os.fspath(manual_dir) if manual_dir else None, try_download_gcs=False))
   return os.fspath(builder.data_dir)

@@ -20,7 +20,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from lorm_jax import checkpointing, methods
-from lorm_jax.data import augment, dataset as dataset_lib, partition, tfds_source
+from lorm_jax.data import acquire, augment, dataset as dataset_lib, partition, tfds_source
 from lorm_jax.errors import ConfigError
 from lorm_jax.models import functional as F, pretrained, vit
 
@@ -72,6 +72,8 @@ def validate_config(c: ConfigDict) -> None:
     methods.METHODS[c.method].validate(c)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  for name in ('dataset.download', 'model.download'):
+    need(isinstance(_get(c, name), bool), f'{name} must be True or False, got {_get(c, name)!r}')
   need(c.model.dtype in ('float32', 'bfloat16'),
        f'model.dtype must be float32 or bfloat16, got {c.model.dtype!r}')
   need(c.client_mode in ('vmap', 'sequential'),
@@ -217,6 +219,12 @@ def build_experiment(c: ConfigDict, workdir: str,
     lock.acquire_if_exists()
   if write:
     check_workdir(c, workdir)
+
+  # Acquisition (network, first run only; the cache afterwards): data, then weights.
+  if c.dataset.download:
+    acquire.ensure_dataset(c.dataset.name, c.dataset.data_dir or None)
+  if c.model.download:
+    pretrained.ensure_weights(c.model.weights)
 
   # Data: fail fast if missing, before the weights.
   ds = tfds_source.load_dataset(c.dataset.name, c.dataset.data_dir or None,

@@ -14,19 +14,19 @@ Cache folder: `cache_dir` argument, else $LORM_JAX_CACHE, else
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import urllib.error
-import urllib.request
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from lorm_jax import download
 from lorm_jax.errors import CheckpointError
 from lorm_jax.models import augreg, dinov2_onnx, npz, vit
 
@@ -176,33 +176,55 @@ def _npz_meta(path: Path, key: str) -> str | None:
 # ----------------------------------------------------------------------------
 
 
-def download_augreg_b16(dest_dir: str | os.PathLike | None = None, *,
-                        url: str = AUGREG_B16_URL, timeout: float = 10.0) -> Path:
-  """Downloads the AugReg ViT-B/16 in21k .npz (~390 MB) into dest_dir
-  (default: the cache folder) and returns its path; an existing file is reused.
+# The file's publisher lists no checksum (its README gives the size as 391 MiB),
+# so nothing is pinned: a download must open as an AugReg ViT .npz with every
+# array of a ViT-B/16 (`_verify_augreg`), and the sha256 it arrived with is
+# written beside it (<file>.sha256) and printed, for a user to compare.
+AUGREG_B16 = download.Remote(AUGREG_B16_URL)
 
-  Fails fast with a one-line CheckpointError when there is no network (one
-  attempt, `timeout` seconds to connect / per read).
+
+def _verify_augreg(path: Path) -> None:
+  """Raises CheckpointError unless `path` is an AugReg ViT .npz (names and shapes)."""
+  augreg.load_augreg_npz(path)
+
+
+def download_augreg_b16(dest_dir: str | os.PathLike | None = None, *,
+                        url: str = AUGREG_B16_URL, timeout: float = 10.0,
+                        progress: bool = True) -> Path:
+  """The AugReg ViT-B/16 in21k .npz (~391 MiB) in dest_dir (default: the
+  cache folder), downloaded there first when missing: streamed with a
+  progress bar, resumed from a partial file, checked to be an AugReg ViT
+  checkpoint, renamed into place only then ($LORM_JAX_MIRROR: from a mirror).
+
+  Raises DownloadError (one line) when there is no network or what arrived
+  is not such a checkpoint (the file is removed).
   """
   dest = Path(dest_dir).expanduser() if dest_dir is not None else resolve_cache_dir()
-  out = dest / url.rsplit('/', 1)[-1]
+  remote = dataclasses.replace(AUGREG_B16, url=url)
+  out = dest / remote.filename
   if out.is_file():
     return out
-  dest.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=out.name + '.', suffix='.tmp', dir=dest)
-  try:
-    with os.fdopen(fd, 'wb') as f, urllib.request.urlopen(url, timeout=timeout) as resp:
-      shutil.copyfileobj(resp, f, 1 << 20)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, out)
-  except (urllib.error.URLError, OSError, ValueError) as e:
-    reason = getattr(e, 'reason', e)
-    raise CheckpointError(f'cannot download {url} ({type(e).__name__}: {reason}); without a '
-                          f'network, place the file at {out} or pass its local path') from None
-  finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
+  download.fetch(remote, out, verify=_verify_augreg, timeout=timeout, progress=progress,
+                 what='AugReg ViT-B/16')
+  digest = download.sha256_file(out)
+  Path(f'{out}.sha256').write_text(f'{digest}  {out.name}\n')
+  print(f'AugReg ViT-B/16: {out} (sha256 {digest})', flush=True)
   return out
+
+
+def ensure_weights(weights: str, *, progress: bool = True) -> None:
+  """With model.download: a checkpoint path that does not exist yet is
+  downloaded when its file name is one this project knows how to fetch."""
+  if weights in ('', 'default', 'random') or weights in BACKBONES:
+    return
+  path = Path(weights).expanduser()
+  if path.is_file():
+    return
+  if path.name != AUGREG_B16_FILE:
+    raise CheckpointError(f'{path}: checkpoint not found, and model.download knows no source '
+                          f'for {path.name!r} (it fetches {AUGREG_B16_FILE}); place the file '
+                          f'there or set model.weights')
+  download_augreg_b16(path.parent, progress=progress)
 
 
 def augreg_b16_path(path: str | os.PathLike | None = None, *, download: bool = False) -> Path:

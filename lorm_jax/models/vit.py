@@ -100,6 +100,10 @@ ARCHITECTURES: dict[str, dict] = {
     # flax.linen.gelu, whose default is the tanh approximation; no LayerScale.
     'augreg_b16': dict(patch_size=16, width=768, depth=12, num_heads=12, mlp_dim=3072,
                        layerscale=False, ln_eps=1e-6, gelu_approximate=True),
+    # Two blocks in the AugReg layout (no LayerScale, tanh GELU): the paper's
+    # path end to end in tests, from an AugReg-format .npz (tests/loopback.py).
+    'augreg_tiny': dict(patch_size=8, width=64, depth=2, num_heads=2, mlp_dim=128,
+                        layerscale=False, ln_eps=1e-6, gelu_approximate=True),
     # A two-block model for tests and the smoke config.
     'tiny': dict(patch_size=7, width=64, depth=2, num_heads=2, mlp_dim=128,
                  layerscale=True, ln_eps=1e-6, gelu_approximate=False),
