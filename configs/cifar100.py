@@ -3,8 +3,10 @@
   python -m experiments.run --config=configs/cifar100.py --workdir=workdirs/cifar100
   python -m experiments.run --config=configs/cifar100.py:beta=0.1 --workdir=workdirs/cifar100_b
 
-Needs the prepared tfds dataset (docs/data.md) and the AugReg checkpoint
-(docs/weights.md); a GPU or TPU for a run of reasonable length.
+The first run downloads and prepares the dataset (lorm_jax/data/acquire.py, no TensorFlow)
+and the AugReg checkpoint into their caches (needs a network once; or
+`python -m experiments.prepare --config=...` beforehand); a GPU or TPU for a run of
+reasonable length, sized to its memory before it starts.
 """
 from configs import paper
 

@@ -3,8 +3,10 @@
   python -m experiments.run --config=configs/imagenet_r.py --workdir=workdirs/imagenet_r
   python -m experiments.run --config=configs/imagenet_r.py:beta=0.1 --workdir=workdirs/imagenet_r_b
 
-Needs the prepared tfds dataset (docs/data.md) and the AugReg checkpoint
-(docs/weights.md); a GPU or TPU for a run of reasonable length.
+The first run downloads and prepares the dataset (lorm_jax/data/acquire.py, no TensorFlow)
+and the AugReg checkpoint into their caches (needs a network once; or
+`python -m experiments.prepare --config=...` beforehand); a GPU or TPU for a run of
+reasonable length, sized to its memory before it starts.
 """
 from configs import paper
 

@@ -224,3 +224,27 @@ def test_offline_imagenet_r_fails_fast_naming_url_and_path(tmp_path, monkeypatch
   msg = str(e.value)
   assert 'http://127.0.0.1:9/mirror/imagenet-r.tar' in msg
   assert str(tmp_path / 'downloads' / 'lorm_jax' / 'imagenet-r.tar') in msg
+
+
+def test_prepare_command_fetches_what_a_paper_config_needs(tmp_path):
+  import os
+  import subprocess
+  import sys
+  www = tmp_path / 'www'
+  www.mkdir()
+  _cifar100_tar(www / 'cifar-100-binary.tar.gz')
+  np.savez(www / pretrained.AUGREG_B16_FILE, **loopback.augreg_arrays())
+  loopback.write_sums(www)
+  env = {**os.environ, 'LORM_JAX_CACHE': str(tmp_path / 'cache'), 'JAX_PLATFORMS': 'cpu'}
+  cmd = [sys.executable, '-m', 'experiments.prepare', '--config=configs/cifar100.py',
+         f'--config.dataset.data_dir={tmp_path / "tfds"}']
+  root = Path(__file__).resolve().parent.parent
+  with loopback.serve(www) as server:
+    env[download.MIRROR_ENV] = server.url
+    out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert 'cifar100/3.0.2' in out.stdout
+  assert (tmp_path / 'cache' / pretrained.AUGREG_B16_FILE).is_file()
+  # Offline now, and prepared: the same command succeeds without a server.
+  out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
