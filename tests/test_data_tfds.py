@@ -16,8 +16,8 @@ from fixtures_tfds import encode, imagenet_wnids, write_fixture  # noqa: E402
 from lorm_jax.data import tfds_source  # noqa: E402
 from lorm_jax.data.errors import DataError  # noqa: E402
 from lorm_jax.data.holdout import holdout_split  # noqa: E402
-from lorm_jax.data.tfds_source import (DATASETS, facts, find_prepared_dir,  # noqa: E402
-                                       load_dataset, to_storage)
+from lorm_jax.data.registry import DATASETS, facts, load_dataset  # noqa: E402
+from lorm_jax.data.tfds_source import find_prepared_dir, to_storage  # noqa: E402
 
 # (classes present, per-class counts). Holdout datasets write their single
 # tfds split; the others write train and test.
@@ -244,7 +244,7 @@ def test_registry_facts():
   for f in DATASETS.values():
     assert -(-f.num_classes // f.classes_per_task) == f.num_tasks
   assert DATASETS["eurosat"].config == "rgb"
-  assert tfds_source.DATASETS["imagenet_r"].splits == ("test",)
+  assert DATASETS["imagenet_r"].splits == ("test",)
 
 
 def test_synthetic_dataset_generates_only_what_it_is_asked():

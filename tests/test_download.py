@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from lorm_jax import download
-from lorm_jax.data import acquire, tfds_source
+from lorm_jax.data import acquire, registry, tfds_source
 from lorm_jax.data.errors import DataError
 from lorm_jax.models import pretrained
 from tests import loopback
@@ -195,14 +195,14 @@ def test_cifar100_and_eurosat_are_downloaded_and_prepared_without_tensorflow(
     vdir = acquire.ensure_dataset('cifar100', data_dir, progress=False)
     assert vdir.endswith('cifar100/3.0.2')
     acquire.ensure_dataset('eurosat', data_dir, progress=False)
-  ds = tfds_source.load_dataset('cifar100', data_dir, strict=False)
+  ds = registry.load_dataset('cifar100', data_dir, strict=False)
   assert ds.train_images.shape == (12, 32, 32, 3) and ds.test_images.shape == (6, 32, 32, 3)
   order = np.argsort(ds.train_keys)   # ids train_00000.. in file order
   np.testing.assert_array_equal(ds.train_images[order],
                                 train[:, 2:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
   np.testing.assert_array_equal(ds.train_labels[order], train[:, 1])
   assert ds.class_names[:2] == ('fine0', 'fine1')
-  eu = tfds_source.load_dataset('eurosat', data_dir, strict=False)
+  eu = registry.load_dataset('eurosat', data_dir, strict=False)
   assert eu.train_images.shape[0] + eu.test_images.shape[0] == 20 and eu.num_classes == 10
   # Prepared: a second call never touches the (now gone) server.
   assert acquire.ensure_dataset('cifar100', data_dir, progress=False) == vdir

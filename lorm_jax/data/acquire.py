@@ -30,7 +30,8 @@ from typing import Callable, Iterator
 import numpy as np
 
 from lorm_jax import download
-from lorm_jax.data import tfds_source
+from lorm_jax.data import registry, tfds_source
+from lorm_jax.data.dataset import DatasetFacts
 from lorm_jax.data.errors import DataError
 
 # URL, sha256 and size as tensorflow-datasets pins them (its url_checksums /
@@ -62,7 +63,7 @@ def ensure_dataset(name: str, data_dir: str | None = None, *, progress: bool = T
   Fashion-MNIST and the synthetic set need nothing (returns ''). Raises
   DataError / DownloadError (one line) when it cannot be had.
   """
-  f = tfds_source.facts(name)
+  f = registry.facts(name)
   if f.tfds_name is None:
     return ''
   data_dir = tfds_source.default_data_dir() if data_dir is None else os.fspath(data_dir)
@@ -156,7 +157,7 @@ PREPARE: dict[str, Callable[[str, list[Path]], str]] = {
 }
 
 
-def _prepare_with_tensorflow(f: tfds_source.DatasetFacts, data_dir: str) -> None:
+def _prepare_with_tensorflow(f: DatasetFacts, data_dir: str) -> None:
   """tfds' own download_and_prepare (Cars-196, CUB-200 read their archives
   with TensorFlow); without TensorFlow, one line with the exact commands."""
   cfg = f'/{f.config}' if f.config else ''

@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
+
+from lorm_jax.data import registry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -252,12 +255,40 @@ def _test_resize(image_size: int) -> int:
   return int(round(image_size * 256 / 224))
 
 
+# The preprocessing of each benchmark as the reference does it (spec section
+# 5), by name; a dataset's registry row names its preset. Each maker takes
+# (image_size, train, augment) and returns the Preprocess spec; `augment`
+# (random flips) applies to the grayscale preset only, the others follow the
+# reference and ignore it.
+PRESETS: dict[str, Callable[[int, bool, bool], Preprocess]] = {
+    # CIFAR-100, ImageNet-R: inception crop (0.08-1), flip, mean/std 0.5.
+    'inception_half': lambda s, train, aug: Preprocess(
+        s, train, rrc_scale=(0.08, 1.0), hflip=True, test_resize=_test_resize(s),
+        mean=HALF, std=HALF),
+    # ImageNet-A: inception crop (0.05-1), flip, ImageNet mean/std.
+    'inception_imagenet_a': lambda s, train, aug: Preprocess(
+        s, train, rrc_scale=(0.05, 1.0), hflip=True, test_resize=_test_resize(s),
+        mean=IMAGENET_MEAN, std=IMAGENET_STD),
+    # CUB-200: random crop from the test resize, flip, ImageNet mean/std.
+    'crop_flip_imagenet': lambda s, train, aug: Preprocess(
+        s, train, random_crop_from=_test_resize(s), hflip=True, test_resize=_test_resize(s),
+        mean=IMAGENET_MEAN, std=IMAGENET_STD),
+    # Cars-196: resize and flip.
+    'flip': lambda s, train, aug: Preprocess(s, train, hflip=True),
+    # EuroSAT: resize only.
+    'plain': lambda s, train, aug: Preprocess(s, train),
+    # Fashion-MNIST: gray to RGB, mean/std 0.5, flips only when asked.
+    'grayscale_half': lambda s, train, aug: Preprocess(
+        s, train, hflip=aug, mean=HALF, std=HALF, gray_to_rgb=True),
+}
+
+
 def preset(dataset_name: str, image_size: int = 224, train: bool = True,
            augment: bool = False) -> Preprocess:
-  """The reference preprocessing of a dataset (spec section 5).
+  """The preprocessing of a registered dataset (its row's ``preset``).
 
   Args:
-    dataset_name: registry name (aliases ``cub200``, ``cars``, ``fmnist``).
+    dataset_name: registry name or alias (``lorm_jax.data.registry``).
     image_size: model input side (224 for ViT-B/16).
     train: training (random augmentation) or evaluation transform.
     augment: Fashion-MNIST only: add random flips in training (off by
@@ -265,27 +296,12 @@ def preset(dataset_name: str, image_size: int = 224, train: bool = True,
 
   Returns:
     Preprocess spec.
+
+  Raises:
+    ValueError: an unknown name, or a dataset without a preset (one line).
   """
-  name = {"cub200": "caltech_birds2011", "cub": "caltech_birds2011",
-          "cars": "cars196", "fmnist": "fashion_mnist",
-          "imagenet-r": "imagenet_r",
-          "imagenet-a": "imagenet_a"}.get(dataset_name, dataset_name)
-  s = image_size
-  tr = _test_resize(s)
-  if name in ("cifar100", "imagenet_r"):
-    return Preprocess(s, train, rrc_scale=(0.08, 1.0), hflip=True,
-                      test_resize=tr, mean=HALF, std=HALF)
-  if name == "imagenet_a":
-    return Preprocess(s, train, rrc_scale=(0.05, 1.0), hflip=True,
-                      test_resize=tr, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-  if name == "caltech_birds2011":
-    return Preprocess(s, train, random_crop_from=tr, hflip=True,
-                      test_resize=tr, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-  if name == "cars196":
-    return Preprocess(s, train, hflip=True)
-  if name == "eurosat":
-    return Preprocess(s, train)
-  if name == "fashion_mnist":
-    return Preprocess(s, train, hflip=augment, mean=HALF, std=HALF,
-                      gray_to_rgb=True)
-  raise ValueError(f"no preprocessing preset for {dataset_name!r}")
+  f = registry.facts(dataset_name)
+  if f.preset is None:
+    raise ValueError(f'dataset {f.name!r} has no preprocessing preset of its own; set '
+                     f'dataset.preprocess to the dataset whose preprocessing it should use')
+  return PRESETS[f.preset](image_size, train, augment)

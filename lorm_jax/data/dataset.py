@@ -1,10 +1,63 @@
-"""The in-memory dataset container shared by all loaders."""
+"""The in-memory dataset container shared by all loaders, and the facts a
+registry row holds about a dataset (``registry.py`` lists the rows)."""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetFacts:
+  """One row of the dataset registry (``lorm_jax.data.registry.DATASETS``).
+
+  Attributes:
+    name: registry name (``config.dataset.name``).
+    tfds_name: tfds builder name, or None (not a tfds dataset).
+    config: tfds builder config (EuroSAT ``rgb``) or None.
+    num_classes: classes of the benchmark.
+    num_tasks: tasks of the class-incremental benchmark (spec section 1).
+    classes_per_task: classes per task (last task may be smaller).
+    train_split / test_split: tfds splits, None when the dataset is carved
+      from ``holdout_from`` by the fixed 80/20 rule (``holdout.py``).
+    load: ``load(facts, data_dir, manual_dir, store_size, train_per_class,
+      test_per_class, **kwargs) -> Dataset`` (the registry's loaders).
+    preset: name of its preprocessing in ``augment.PRESETS``, or None (a
+      config must then name another dataset's, ``dataset.preprocess``).
+    aliases: other names accepted for it (``cub200``, ``cifar-100``, ...).
+    holdout_from: the single tfds split to carve, or None.
+    key_feature: text feature used as a stable sample id, or None.
+    native_size: image side of fixed-size datasets (stored as is), or None.
+    imagenet_labels: labels are ImageNet-1k ids, compacted to 0..199 in
+      ImageNet index (= sorted WordNet id) order.
+    manual_tar: archive name accepted in manual_dir (ImageNet-R/A).
+  """
+
+  name: str
+  tfds_name: str | None
+  config: str | None
+  num_classes: int
+  num_tasks: int
+  classes_per_task: int
+  train_split: str | None
+  test_split: str | None
+  load: Callable[..., "Dataset"]
+  preset: str | None = None
+  aliases: tuple[str, ...] = ()
+  holdout_from: str | None = None
+  key_feature: str | None = None
+  native_size: int | None = None
+  imagenet_labels: bool = False
+  manual_tar: str | None = None
+
+  @property
+  def splits(self) -> tuple[str, ...]:
+    """tfds splits read for this dataset."""
+    if self.holdout_from is not None:
+      return (self.holdout_from,)
+    return tuple(s for s in (self.train_split, self.test_split) if s)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,7 +25,6 @@ are drawn from the central square instead of the full rectangle.
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import io
 import os
 import re
@@ -34,98 +33,29 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from lorm_jax.data import fmnist, synthetic
-from lorm_jax.data.dataset import Dataset
+from lorm_jax.data.dataset import Dataset, DatasetFacts
 from lorm_jax.data.errors import DataError
 from lorm_jax.data.holdout import HOLDOUT_SEED, TEST_FRACTION, holdout_split
 
 
-@dataclasses.dataclass(frozen=True)
-class DatasetFacts:
-  """Per-dataset facts.
-
-  Attributes:
-    name: registry name.
-    tfds_name: tfds builder name (None for Fashion-MNIST, read from idx).
-    config: tfds builder config (EuroSAT ``rgb``) or None.
-    num_classes: classes of the benchmark.
-    num_tasks: tasks of the class-incremental benchmark (spec section 1).
-    classes_per_task: classes per task (last task may be smaller).
-    train_split / test_split: tfds splits, None when the dataset is carved
-      from ``holdout_from`` by the fixed 80/20 rule (``holdout.py``).
-    holdout_from: the single tfds split to carve, or None.
-    key_feature: text feature used as a stable sample id, or None.
-    native_size: image side of fixed-size datasets (stored as is), or None.
-    imagenet_labels: labels are ImageNet-1k ids, compacted to 0..199 in
-      ImageNet index (= sorted WordNet id) order.
-    manual_tar: archive name accepted in manual_dir (ImageNet-R/A).
-  """
-
-  name: str
-  tfds_name: str | None
-  config: str | None
-  num_classes: int
-  num_tasks: int
-  classes_per_task: int
-  train_split: str | None
-  test_split: str | None
-  holdout_from: str | None = None
-  key_feature: str | None = None
-  native_size: int | None = None
-  imagenet_labels: bool = False
-  manual_tar: str | None = None
-
-  @property
-  def splits(self) -> tuple[str, ...]:
-    """tfds splits read for this dataset."""
-    if self.holdout_from is not None:
-      return (self.holdout_from,)
-    return tuple(s for s in (self.train_split, self.test_split) if s)
-
-
-DATASETS: dict[str, DatasetFacts] = {
-    "fashion_mnist": DatasetFacts(
-        "fashion_mnist", None, None, 10, 5, 2, "train", "test",
-        native_size=28),
-    "cifar100": DatasetFacts(
-        "cifar100", "cifar100", None, 100, 10, 10, "train", "test",
-        key_feature="id", native_size=32),
-    "imagenet_r": DatasetFacts(
-        "imagenet_r", "imagenet_r", None, 200, 10, 20, None, None,
-        holdout_from="test", key_feature="file_name", imagenet_labels=True,
-        manual_tar="imagenet-r.tar"),
-    "imagenet_a": DatasetFacts(
-        "imagenet_a", "imagenet_a", None, 200, 10, 20, None, None,
-        holdout_from="test", key_feature="file_name", imagenet_labels=True,
-        manual_tar="imagenet-a.tar"),
-    "eurosat": DatasetFacts(
-        "eurosat", "eurosat", "rgb", 10, 5, 2, None, None,
-        holdout_from="train", key_feature="filename", native_size=64),
-    "cars196": DatasetFacts(
-        "cars196", "cars196", None, 196, 10, 20, "train", "test",
-        key_feature="id"),
-    "caltech_birds2011": DatasetFacts(
-        "caltech_birds2011", "caltech_birds2011", None, 200, 10, 20, "train",
-        "test", key_feature="image/filename"),
-    # Noise images shaped like ImageNet-R, for benchmarks (data/synthetic.py).
-    "synthetic": DatasetFacts(
-        "synthetic", None, None, 200, 10, 20, "train", "test"),
-}
-ALIASES = {"cub200": "caltech_birds2011", "cub": "caltech_birds2011",
-           "cars": "cars196", "imagenet-r": "imagenet_r",
-           "imagenet-a": "imagenet_a", "fmnist": "fashion_mnist",
-           "cifar-100": "cifar100", "eurosat_rgb": "eurosat"}
 RESIZE_MODES = ("center_crop", "stretch")
 _VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
 
 
-def facts(name: str) -> DatasetFacts:
-  """Registry entry for ``name`` (aliases such as ``cub200`` accepted)."""
-  key = ALIASES.get(name, name)
-  if key not in DATASETS:
-    raise ValueError(
-        f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}")
-  return DATASETS[key]
+def facts(name: str) -> DatasetFacts:  # TODO(remove): callers use registry.facts
+  return _facts(name)
+
+
+def load_dataset(name: str, *args, **kwargs):  # TODO(remove): callers use registry
+  from lorm_jax.data import registry  # pylint: disable=import-outside-toplevel
+  return registry.load_dataset(name, *args, **kwargs)
+
+
+def _facts(name: str) -> DatasetFacts:
+  """The registry's entry for ``name`` (``lorm_jax.data.registry``; imported
+  here, not at the top: the registry imports this module for its loader)."""
+  from lorm_jax.data import registry  # pylint: disable=import-outside-toplevel
+  return registry.facts(name)
 
 
 def default_data_dir() -> str:
@@ -163,7 +93,7 @@ def find_prepared_dir(name: str, data_dir: str | None = None) -> str:
   Raises:
     DataError: no prepared version exists.
   """
-  f = facts(name)
+  f = _facts(name)
   if f.tfds_name is None:
     raise ValueError(f"{f.name} is not a tfds dataset")
   data_dir = default_data_dir() if data_dir is None else os.fspath(data_dir)
@@ -324,7 +254,7 @@ def load_tfds_dataset(
     DataError: dataset missing or unreadable (raised before any tfds call
       when the folder is missing).
   """
-  f = facts(name)
+  f = _facts(name)
   if f.tfds_name is None:
     raise ValueError(f"{f.name} is not a tfds dataset; use load_dataset")
   if resize_mode not in RESIZE_MODES:
@@ -461,41 +391,6 @@ def _decode_parts(f: DatasetFacts, parts: list[tuple], size: int | None, resize_
   return out
 
 
-def load_dataset(
-    name: str,
-    data_dir: str | None = None,
-    manual_dir: str | None = None,
-    store_size: int | None = 256,
-    train_per_class: int | None = None,
-    test_per_class: int | None = None,
-    **kwargs,
-) -> Dataset:
-  """Loads any registered dataset (``fashion_mnist`` or one of the six).
-
-  Args:
-    name: registry name or alias.
-    data_dir: Fashion-MNIST: folder of the idx files (None = Debian path);
-      others: tfds data_dir (None = tfds default).
-    manual_dir: see ``load_tfds_dataset``.
-    store_size: storage side of variable-size datasets (and the side of
-      the synthetic images).
-    train_per_class, test_per_class: image counts of ``synthetic`` (which
-      generates only what it needs); other datasets ignore them and are cut
-      afterwards by ``dataset.subsample_dataset``.
-    **kwargs: passed to ``load_tfds_dataset`` (resize_mode, strict,
-      num_workers).
-
-  Returns:
-    Dataset (uint8 images at storage size, int32 labels).
-  """
-  f = facts(name)
-  if f.name == "fashion_mnist":
-    return fmnist.load_fashion_mnist(data_dir)
-  if f.name == "synthetic":
-    return synthetic.synthetic_dataset(store_size or 224, train_per_class, test_per_class)
-  return load_tfds_dataset(f.name, data_dir, manual_dir, store_size, **kwargs)
-
-
 # ---------------------------------------------- offline ImageNet-R/A prepare
 
 
@@ -544,7 +439,7 @@ def prepare_from_manual_dir(name: str, data_dir: str, manual_dir: str) -> str:
   Returns:
     The written version folder.
   """
-  f = facts(name)
+  f = _facts(name)
   if f.manual_tar is None:
     raise ValueError(f"offline preparation supports ImageNet-R/A, not {name}")
   source = _manual_source(f, os.fspath(manual_dir))
@@ -584,7 +479,7 @@ def write_offline(name: str, data_dir: str | os.PathLike,
   Returns:
     The written version folder.
   """
-  f = facts(name)
+  f = _facts(name)
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   base = tfds.builder_cls(f.tfds_name)
