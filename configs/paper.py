@@ -64,7 +64,6 @@ def paper_config(dataset: str, arg: str | None = None) -> ml_collections.ConfigD
   c.model.name = 'augreg_b16'
   cache = os.environ.get('LORM_JAX_CACHE', os.path.join('~', '.cache', 'lorm_jax'))
   c.model.weights = os.path.join(cache, AUGREG_B16)
-  c.model.download = True        # first run: fetch the AugReg checkpoint into the cache
   c.model.rank = rank
   c.num_tasks = facts['num_tasks']
   c.classes_per_task = facts['classes_per_task']

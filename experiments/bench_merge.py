@@ -77,10 +77,11 @@ def make_grams(c: int) -> dict[int, jax.Array]:
   Layers of the same width share one buffer (memory: 10 clients of full
   3072-wide Grams for 12 layers would be 4.5 GB more); the merge cannot tell.
   """
-  keys = jax.random.split(jax.random.PRNGKey(1), 3)
-  return {768: _random_grams(keys[0], c, 768),
-          3072: _random_grams(keys[1], c, 3072),
-          -1: _random_grams(keys[2], c, HEAD[0])}
+  widths = sorted({n for n, _ in LAYERS.values()})  # 768, 3072 at ViT-B shapes
+  keys = jax.random.split(jax.random.PRNGKey(1), len(widths) + 1)
+  grams = {n: _random_grams(k, c, n) for n, k in zip(widths, keys)}
+  grams[-1] = _random_grams(keys[-1], c, HEAD[0])
+  return grams
 
 
 def make_factors(c: int, r: int, seed: int) -> dict[str, Any]:
@@ -257,14 +258,20 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('--full-loop', action='store_true',
                       help='also time the complete 48-layer numpy A-round once')
   parser.add_argument('--no-write', action='store_true')
+  parser.add_argument('--tiny', action='store_true',
+                      help='one block of tiny layers, 2 clients, rank 1 (seconds; tests, CI); '
+                           'writes nothing')
   args = parser.parse_args(argv)
+  if args.tiny:
+    set_tiny_shapes()
+    args.no_write, args.ranks, args.repeats = True, '1', min(args.repeats, 2)
   ranks = [int(x) for x in args.ranks.split(',')]
   start = time.time()
 
   machine = bench_common.machine_description()
-  gflops = bench_common.measure_matmul_gflops()
-  bandwidth = bench_common.measure_bandwidth_gbs()
-  chol = measure_cholesky_gflops()
+  gflops = bench_common.measure_matmul_gflops(n=256 if args.tiny else 2048)
+  bandwidth = bench_common.measure_bandwidth_gbs(mbytes=16 if args.tiny else 1024)
+  chol = measure_cholesky_gflops(n=128 if args.tiny else 3072)
   print(f'{machine}\nmatmul {gflops:.1f} GFLOP/s, bandwidth {bandwidth:.1f} GB/s, '
         f'Cholesky 3072 {chol:.1f} GFLOP/s', flush=True)
 
@@ -328,6 +335,15 @@ def main(argv: list[str] | None = None) -> None:
   print(body)
   if not args.no_write:
     bench_common.write_section('Merge', body)
+  return rows
+
+
+def set_tiny_shapes() -> None:
+  """One block of 32-wide layers, a 32 x 10 head, 2 clients: the script's whole path
+  in seconds (tests/test_bench_scripts.py)."""
+  global BLOCKS, LAYERS, HEAD, CLIENTS
+  BLOCKS, CLIENTS, HEAD = 1, 2, (32, 10)
+  LAYERS = {'qkv': (32, 96), 'proj': (32, 32), 'fc1': (32, 128), 'fc2': (128, 32)}
 
 
 def render(rows: list[dict], checks: list, machine: str, gflops: float,

@@ -49,6 +49,12 @@ MANY_CLIENTS = dict(config='configs/fmnist_reference.py:epochs=1,split=dirichlet
                     clients=(100, 1000, 5000), rounds=5,
                     set={'dataset.train_per_class': 0, 'dataset.test_per_class': 10,
                          'min_samples': 0, 'clients_per_round': 20})
+# configs/bench_vit_b16.py shrunk to seconds on a CPU (`--whole-run --tiny`, tests and
+# experiments.gpu_check --tiny): the tiny ViT at 28 px, 2 clients, 3 rounds of 1 epoch.
+TINY_WHOLE_RUN = {'model.name': 'tiny', 'image_size': 28, 'dataset.store_size': 32,
+                  'dataset.train_per_class': 4, 'dataset.test_per_class': 1, 'num_clients': 2,
+                  'clients_per_chunk': 2, 'rounds': 3, 'local_epochs': 1,
+                  'eval_batch_size': 64, 'model.rank': 2}
 # Rounds per point: the first two compile (a B-round and an A-round are different
 # jitted steps); the rest are measured (default: a B- and an A-round; ViT-B: a B-round).
 
@@ -57,14 +63,17 @@ def classes_per_task(config: str) -> int:
   return 2 if 'default' in config else 20
 
 
-def run_point(config: str, overrides: dict, rounds: int, extra_flags=()) -> dict:
-  """One experiments.run process; its round timings and peak RSS."""
+def run_point(config: str, overrides: dict, rounds: int, extra_flags=(),
+              env: dict | None = None) -> dict:
+  """One experiments.run process (environment `env`, default this one's); its round
+  timings and peak RSS."""
   with tempfile.TemporaryDirectory() as workdir:
     cmd = [sys.executable, '-m', 'experiments.run', f'--config={config}',
            f'--workdir={workdir}', f'--max_rounds={rounds}', *extra_flags]
     cmd += [f'--config.{k}={v}' for k, v in overrides.items()]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -105,22 +114,39 @@ def run_sweep(name: str, sweep: dict) -> list[dict]:
   return out
 
 
-def whole_run(config: str) -> str:
-  """Runs the first task of `config` and extrapolates the whole run."""
+def whole_run_figures(config: str, overrides: dict | None = None,
+                      env: dict | None = None) -> dict:
+  """Runs the first task of `config` (with `overrides`) as one experiments.run process
+  and extrapolates the whole run; the figures and a one-paragraph summary ('text')."""
   import importlib.util
   spec = importlib.util.spec_from_file_location('cfg', config)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   c = mod.get_config()
-  res = run_point(config, {}, c.rounds)
+  overrides = dict(overrides or {})
+  rounds, tasks = overrides.get('rounds', c.rounds), overrides.get('num_tasks', c.num_tasks)
+  res = run_point(config, overrides, rounds, env=env)
   first = sum(x['seconds_round'] for x in res['rows'])
-  steady = res['round'] * c.rounds
-  est = first + steady * (c.num_tasks - 1)
-  return (f'`{config}`: first task ({c.rounds} rounds) {first:.0f} s of rounds, process '
-          f'{res["wall"]:.0f} s, peak RSS {res["rss_gib"]:.1f} GiB; steady round {res["round"]:.1f} s '
-          f'(train {res["train"]:.1f}, Gram {res["gram"]:.1f}, merge {res["merge"]:.2f}); '
-          f'whole run of {c.num_tasks} tasks **extrapolated** (not run): {est / 60:.1f} min '
-          '(end-of-task Gram passes and evaluations not included).')
+  steady = res['round'] * rounds
+  est = first + steady * (tasks - 1)
+  out = dict(config=config, overrides=overrides, rounds=rounds, tasks=tasks,
+             first_task_rounds_s=first, process_s=res['wall'], peak_rss_gib=res['rss_gib'],
+             device_peak_gib=res['device_gib'], steady_round_s=res['round'],
+             train_s=res['train'], gram_s=res['gram'], merge_s=res['merge'],
+             whole_run_extrapolated_s=est)
+  device = (f', device peak {res["device_gib"]:.1f} GiB' if res['device_gib'] else '')
+  out['text'] = (
+      f'`{config}`: first task ({rounds} rounds) {first:.0f} s of rounds, process '
+      f'{res["wall"]:.0f} s, peak RSS {res["rss_gib"]:.1f} GiB{device}; steady round '
+      f'{res["round"]:.1f} s (train {res["train"]:.1f}, Gram {res["gram"]:.1f}, merge '
+      f'{res["merge"]:.2f}); whole run of {tasks} tasks **extrapolated** (not run): '
+      f'{est / 60:.1f} min (end-of-task Gram passes and evaluations not included).')
+  return out
+
+
+def whole_run(config: str, overrides: dict | None = None) -> str:
+  """Runs the first task of `config` and extrapolates the whole run (a summary line)."""
+  return whole_run_figures(config, overrides)['text']
 
 
 def many_clients() -> list[dict]:
@@ -229,17 +255,21 @@ def main(argv=None) -> None:
   p.add_argument('--many-clients', action='store_true',
                  help='the many-clients sweep (partial participation) instead')
   p.add_argument('--no-write', action='store_true')
+  p.add_argument('--tiny', action='store_true',
+                 help='with --whole-run: the config at tiny shapes (TINY_WHOLE_RUN; seconds on '
+                      'a CPU; writes nothing)')
   args = p.parse_args(argv)
   machine = bc.machine_description()
   if args.whole_run:
     if not args.config:
       p.error('--whole-run needs --config')
+    figures = whole_run_figures(args.config, TINY_WHOLE_RUN if args.tiny else None)
     text = f'Command: `python -m experiments.bench_round --config={args.config} --whole-run`  \n' \
-           f'Machine: {machine}  \n{whole_run(args.config)}'
+           f'Machine: {machine}  \n{figures["text"]}'
     print(text)
-    if not args.no_write:
+    if not (args.no_write or args.tiny):
       bc.write_section('Whole run, extrapolated from its first task', text)
-    return
+    return figures
   if args.many_clients:
     points = many_clients()
     text = render_many(points, machine)

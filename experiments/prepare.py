@@ -28,11 +28,9 @@ def main(argv):
   setup.validate_config(c)
   where = acquire.ensure_dataset(c.dataset.name, c.dataset.data_dir or None)
   print(f'dataset {c.dataset.name}: {where or "nothing to prepare"}')
-  if c.model.weights not in ('', 'random', 'default'):
-    pretrained.ensure_weights(c.model.weights)
-    print(f'weights: {c.model.weights}')
-  elif c.model.weights == 'default':
-    print(f'weights: {pretrained.fetch_default_weights()}')
+  path = pretrained.resolve_weights(c.model.name, c.model.weights,
+                                    download_missing=c.model.download)
+  print(f'weights: {path or "random (nothing to fetch)"}')
 
 
 if __name__ == '__main__':

@@ -38,7 +38,16 @@ from tqdm.auto import tqdm
 from lorm_jax.errors import UserError
 
 MIRROR_ENV = 'LORM_JAX_MIRROR'
+CACHE_ENV = 'LORM_JAX_CACHE'
 CHUNK = 1 << 20
+
+
+def cache_dir(path: str | os.PathLike | None = None) -> Path:
+  """The cache folder of weights and compiled programs: `path`, else
+  $LORM_JAX_CACHE, else ~/.cache/lorm_jax."""
+  if path is None:
+    path = os.environ.get(CACHE_ENV) or Path.home() / '.cache' / 'lorm_jax'
+  return Path(path).expanduser()
 
 
 class DownloadError(UserError):

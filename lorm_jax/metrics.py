@@ -70,11 +70,14 @@ class MetricsLog:
   killed-and-resumed run writes the same file as an uninterrupted one.
   """
 
-  def __init__(self, path: str, write: bool = True):
+  def __init__(self, path: str, write: bool = True, writers: Any = None):
     """write=False (a process other than the primary) keeps the line count
-    the primary's file has, without touching it."""
+    the primary's file has, without touching it. writers: a
+    `metric_writers.Writers` that gets every record too (TensorBoard, W&B),
+    opened at the first record written; only where write is True."""
     self.path = path
     self.enabled = write
+    self.writers = writers if write and writers is not None and writers.enabled else None
     self.lines = 0
     if os.path.exists(path):
       with open(path) as f:
@@ -92,9 +95,18 @@ class MetricsLog:
 
   def write(self, record: dict[str, Any]) -> None:
     if self.enabled:
+      if self.writers is not None and not self.writers.is_open:
+        self.writers.open(self.read())  # the lines kept so far: a resume's first record
       with open(self.path, 'a') as f:
         f.write(json.dumps(record, sort_keys=True) + '\n')
+      if self.writers is not None:
+        self.writers.write(record)
     self.lines += 1
+
+  def close(self) -> None:
+    """Flushes and closes the writers (metrics.jsonl itself is closed after every line)."""
+    if self.writers is not None:
+      self.writers.close()
 
   def read(self) -> list[dict[str, Any]]:
     if not os.path.exists(self.path):

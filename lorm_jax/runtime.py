@@ -23,7 +23,7 @@ from pathlib import Path
 
 import jax
 
-from lorm_jax.models.pretrained import resolve_cache_dir
+from lorm_jax.download import cache_dir
 
 _FORCE_FLAG = '--xla_force_host_platform_device_count'
 
@@ -57,7 +57,7 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path | No
   $LORM_JAX_CACHE or ~/.cache/lorm_jax), for programs that took at least a
   second to compile.
   Returns the folder, or None when it cannot be created."""
-  path = path or os.environ.get('JAX_COMPILATION_CACHE_DIR') or resolve_cache_dir() / 'xla'
+  path = path or os.environ.get('JAX_COMPILATION_CACHE_DIR') or cache_dir() / 'xla'
   path = Path(path).expanduser()
   try:
     path.mkdir(parents=True, exist_ok=True)

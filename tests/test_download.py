@@ -15,7 +15,7 @@ import pytest
 from lorm_jax import download
 from lorm_jax.data import acquire, registry, tfds_source
 from lorm_jax.data.errors import DataError
-from lorm_jax.models import pretrained
+from lorm_jax.models import augreg_b16, pretrained
 from tests import loopback
 
 
@@ -128,20 +128,19 @@ def test_mirror_replaces_the_url_and_states_its_checksums(served, tmp_path, monk
 def test_augreg_download_checks_the_npz_and_records_its_sha256(tmp_path, monkeypatch):
   www = tmp_path / 'www'
   www.mkdir()
-  np.savez(www / pretrained.AUGREG_B16_FILE, **loopback.augreg_arrays())
+  name = augreg_b16.WEIGHTS_FILE
+  np.savez(www / name, **loopback.augreg_arrays())
   with loopback.serve(www) as server:
     monkeypatch.setenv(download.MIRROR_ENV, server.url)
-    out = pretrained.download_augreg_b16(tmp_path / 'cache', progress=False)
-    assert out.is_file()
+    out = pretrained.resolve_weights('augreg_b16', 'default', cache_dir=tmp_path / 'cache')
+    assert out == tmp_path / 'cache' / name and out.is_file()
     assert Path(f'{out}.sha256').read_text().split()[0] == download.sha256_file(out)
-    assert set(pretrained.read_weights(out)) >= {'patch_kernel', 'pos_embed'}
+    assert set(pretrained.read_weights(out, 'augreg_tiny')) >= {'patch_kernel', 'pos_embed'}
     # Not an AugReg checkpoint: refused, nothing left in the cache.
-    np.savez(www / pretrained.AUGREG_B16_FILE, foo=np.zeros(3))
+    np.savez(www / name, foo=np.zeros(3))
     with pytest.raises(download.DownloadError, match='not an AugReg ViT checkpoint'):
-      pretrained.download_augreg_b16(tmp_path / 'cache2', progress=False)
-    assert not (tmp_path / 'cache2' / pretrained.AUGREG_B16_FILE).exists()
-  with pytest.raises(pretrained.CheckpointError, match='knows no source'):
-    pretrained.ensure_weights(str(tmp_path / 'other.npz'))
+      augreg_b16.fetch(tmp_path / 'cache2' / name, progress=False)
+    assert not (tmp_path / 'cache2' / name).exists()
 
 
 # ------------------------------------------------ archives prepared without TensorFlow
@@ -233,7 +232,7 @@ def test_prepare_command_fetches_what_a_paper_config_needs(tmp_path):
   www = tmp_path / 'www'
   www.mkdir()
   _cifar100_tar(www / 'cifar-100-binary.tar.gz')
-  np.savez(www / pretrained.AUGREG_B16_FILE, **loopback.augreg_arrays())
+  np.savez(www / augreg_b16.WEIGHTS_FILE, **loopback.augreg_arrays())
   loopback.write_sums(www)
   env = {**os.environ, 'LORM_JAX_CACHE': str(tmp_path / 'cache'), 'JAX_PLATFORMS': 'cpu'}
   cmd = [sys.executable, '-m', 'experiments.prepare', '--config=configs/cifar100.py',
@@ -244,7 +243,7 @@ def test_prepare_command_fetches_what_a_paper_config_needs(tmp_path):
     out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   assert 'cifar100/3.0.2' in out.stdout
-  assert (tmp_path / 'cache' / pretrained.AUGREG_B16_FILE).is_file()
+  assert (tmp_path / 'cache' / augreg_b16.WEIGHTS_FILE).is_file()
   # Offline now, and prepared: the same command succeeds without a server.
   out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]

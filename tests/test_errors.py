@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from configs import smoke
+from conftest import REPO, smoke_config
 from lorm_jax.data import dataset as dataset_lib, fmnist, partition
 from lorm_jax.federated import setup
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cli(*args: str, module: str = 'experiments.run') -> subprocess.CompletedProcess:
@@ -92,7 +92,7 @@ BAD = [
     ('no rounds', ['--config.rounds=0'], r'rounds must be an integer >= 1'),
     ('no epochs', ['--config.local_epochs=0'], r'local_epochs must be an integer >= 1'),
     ('batch 0', ['--config.batch_size=0'], r'batch_size must be an integer >= 1'),
-    ('eval batch 0', ['--config.eval_batch_size=0'], r'eval_batch_size must be'),
+    ('eval batch -1', ['--config.eval_batch_size=-1'], r'eval_batch_size must be'),
     ('negative per-class', ['--config.dataset.train_per_class=-1'], r'train_per_class'),
     ('image size vs patch', ['--config.image_size=30'], r'not a multiple of the tiny patch'),
     ('unknown dtype', ['--config.model.dtype=float16'], r'model.dtype'),
@@ -135,9 +135,7 @@ def test_bad_input_is_one_line_and_status_2(case, args, pattern, files, tmp_path
 
 def test_workdir_of_another_config_is_refused_and_left_alone(tmp_path):
   workdir = str(tmp_path / 'w')
-  c = smoke.get_config()
-  c.unlock()
-  c.seed = 3
+  c = smoke_config(seed=3)
   setup.prepare_workdir(c, workdir)
   open(os.path.join(workdir, 'metrics.jsonl'), 'w').write('{"kind": "round"}\n')
   before = _snapshot(workdir)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import smoke
+from conftest import REPO, smoke_config, strip_wall_time as _strip
 from lorm_jax import errors
 from lorm_jax.data import augment
 from lorm_jax.data.errors import DataError
@@ -23,32 +23,7 @@ from lorm_jax.federated import batching, client, setup, simulate
 from lorm_jax.methods import interface
 from lorm_jax.models import functional as F, vit
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER_CONFIGS = ['cifar100', 'imagenet_r', 'imagenet_a', 'eurosat', 'cub200', 'cars196']
-
-
-def smoke_config(**overrides):
-  c = smoke.get_config()
-  c.unlock()
-  for k, v in overrides.items():
-    node = c
-    *path, leaf = k.split('.')
-    for p in path:
-      node = node[p]
-    node[leaf] = v
-  c.lock()
-  return c
-
-
-def _strip(results):
-  return {k: v for k, v in results.items() if k not in ('wall_seconds',)}
-
-
-@pytest.fixture(scope='module')
-def smoke_run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp('smoke'))
-  results = simulate.run(smoke_config(), workdir, progress=False)
-  return workdir, results
 
 
 def test_results_json_shapes_and_ranges(smoke_run):
@@ -214,7 +189,7 @@ def _tiny_client(num_images: int):
 
 def test_padded_steps_and_samples_do_not_change_a_client():
   fm, p, a, b, head, images, labels, pre = _tiny_client(20)
-  spec = interface.LocalSpec(('b',), 1e-2, 1e-2)
+  spec = interface.LocalSpec(('b',), lr_a=1e-2, lr_b=1e-2, lr_head=1e-2)
   cm = jnp.array([True, True, False, False])
   own = [np.arange(11)]
   rng = lambda c: np.random.default_rng(0)
@@ -250,7 +225,7 @@ def test_half_batches_train_like_full_batches():
   idx, mask = batching.client_batch_plan(own, 8, 2, lambda c: np.random.default_rng(0),
                                          num_steps=8)
   for factors in (('a',), ('b',)):
-    spec = interface.LocalSpec(factors, 1e-2, 1e-2)
+    spec = interface.LocalSpec(factors, lr_a=1e-2, lr_b=1e-2, lr_head=1e-2)
     run = lambda half: client.local_train(
         fm, interface.linear_head_forward, spec, pre, half, frozen=p.frozen, a=a, b=b,
         head=head, images=images, labels=labels, idx=jnp.asarray(idx[0]),
@@ -294,9 +269,12 @@ def test_paper_configs_build_and_validate(name, tmp_path):
                          lora_rank=c.model.rank)
   model = nnx.eval_shape(lambda: vit.ViT(cfg, rngs=nnx.Rngs(0)))
   assert model.head.kernel.get_value().shape == (768, num_classes)
-  # With no prepared data the run stops at once with a DataError naming where it looked.
+  # With no prepared data (and downloads off) the run stops at once with a
+  # DataError naming where it looked; tests/test_download.py covers downloads.
+  assert c.dataset.download and c.model.download
   c.unlock()
   c.dataset.data_dir = str(tmp_path / 'no_data_here')
+  c.dataset.download = False
   c.lock()
   with pytest.raises(DataError, match='no_data_here'):
     setup.build_experiment(c, str(tmp_path / 'w'))

@@ -6,19 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import smoke
+from conftest import smoke_config as _config
 from lorm_jax import merge
 from lorm_jax.methods import ClientResults, make_method
 from lorm_jax.methods.regmean import lowrank_regmean_system
-
-
-def _config(**overrides):
-  c = smoke.get_config()
-  c.unlock()
-  for k, v in overrides.items():
-    c[k] = v
-  c.lock()
-  return c
 
 
 # ---------------------------------------------------------------- joint

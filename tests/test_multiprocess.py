@@ -15,7 +15,8 @@ import sys
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO
+
 SMOKE = ['--config=configs/smoke.py', '--config.num_clients=5']
 
 

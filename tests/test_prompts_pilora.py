@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import smoke
+from conftest import smoke_config as _config
 from lorm_jax.methods import make_method
 from lorm_jax.methods import interface
 from lorm_jax.methods import pilora as PI
@@ -27,14 +27,6 @@ def fm():
 
 def _images(n=3, seed=0):
   return jax.random.normal(jax.random.key(seed), (n, 14, 14, 3))
-
-
-def _config(**kw):
-  c = smoke.get_config()
-  c.unlock()
-  c.update(kw)
-  c.lock()
-  return c
 
 
 # ------------------------------------------------------------------- ViT

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from configs import smoke
+from conftest import smoke_config
 from experiments.reference.export_inputs import replay_arrays, timm_state_dict
 from experiments.reference.run_fed_mammoth import results_from_printout
 from lorm_jax.federated import setup, simulate
@@ -82,10 +82,7 @@ def test_replay_export_holds_what_the_run_draws(tmp_path, monkeypatch):
   """Every training pass's sample order, the server's LoRA A at each task's
   first round and the initial head, as a smoke run (2 local epochs, uneven
   clients) hands them to its training, are what the export writes."""
-  c = smoke.get_config()
-  c.unlock()
-  c.local_epochs = 2
-  c.lock()
+  c = smoke_config(local_epochs=2)
   seen = []
   original = simulate.Passes.train
 

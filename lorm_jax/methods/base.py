@@ -33,7 +33,7 @@ the rest.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import numpy as np
@@ -48,10 +48,18 @@ from lorm_jax.models import functional as F
 class Method:
   """Base strategy: FedAvg-style defaults that subclasses override."""
   config: ConfigDict
-  name: str = 'base'
+  name: ClassVar[str] = 'base'
   # (model, frozen, a, b, head, ctx, x) -> (logits, feats); a module-level
   # function (static under jit), the same for training, statistics and evaluation.
   forward = staticmethod(linear_head_forward)
+
+  @classmethod
+  def hyperparameters(cls) -> dict[str, Any]:
+    """The method's own hyperparameters with their defaults (the reference's
+    values): its dataclass fields besides `config`. configs/base.py puts them
+    under `config.<method name>` and `make_method` passes them back, so every
+    one is reachable as `--config.<method>.<field>=...`."""
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.name != 'config'}
 
   @classmethod
   def validate(cls, config: ConfigDict) -> None:

@@ -23,6 +23,7 @@ evaluated (W0 + a @ b with the server's head).
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 import functools
 
 import jax
@@ -61,7 +62,8 @@ def gaussians_from_moments(count: jax.Array, total: jax.Array, sumsq: jax.Array
       jnp.where(valid[..., None], var, 0.0)
 
 
-@functools.partial(jax.jit, static_argnames=('steps_per_epoch', 'epochs', 'batch'))
+@functools.partial(jax.jit, static_argnames=('steps_per_epoch', 'epochs', 'batch', 'lr', 'momentum',
+                                             'logit_norm'))
 def retrain_head(head: F.Flat, weight: jax.Array, mean: jax.Array, var: jax.Array,
                  seen: jax.Array, key: jax.Array, *, steps_per_epoch: int, epochs: int = 5,
                  batch: int = 256, lr: float = 0.01, momentum: float = 0.9,
@@ -104,9 +106,12 @@ def retrain_head(head: F.Flat, weight: jax.Array, mean: jax.Array, var: jax.Arra
 @dataclasses.dataclass
 class CCVR(ContinualLoRA):
   """CCVR (LoRA variant; the reference fine-tunes the whole ViT)."""
-  name: str = 'ccvr'
+  name: ClassVar[str] = 'ccvr'
   how_many: int = 256   # reference how_many: virtual samples per class and epoch, batch size
   epochs: int = 5       # head re-training epochs (the reference's fixed 5, T_max 5)
+  lr: float = 0.01      # head re-training SGD (the reference's)
+  momentum: float = 0.9
+  logit_norm: float = 0.1  # the reference's logit-normalisation temperature
 
   def init_extra(self, params: F.Params) -> dict:
     d, k = params.head['kernel'].shape
@@ -135,5 +140,6 @@ class CCVR(ContinualLoRA):
     n_seen = int(jnp.sum(seen))
     key = rng.key(self.config.seed, 'method', task, rnd)
     head = retrain_head(server['head'], extra['weight'], extra['mean'], extra['var'], seen, key,
-                        steps_per_epoch=n_seen, epochs=self.epochs, batch=self.how_many)
+                        steps_per_epoch=n_seen, epochs=self.epochs, batch=self.how_many,
+                        lr=self.lr, momentum=self.momentum, logit_norm=self.logit_norm)
     return {**server, 'head': head, 'extra': extra}, info

@@ -24,7 +24,7 @@ loss-term functions are module-level and the LocalSpec stays hashable.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -121,7 +121,7 @@ class ContinualLoRA(Method):
   Not registered itself (it is plain sequential LoRA fine-tuning); the
   baselines below add a loss term, a statistic or another aggregation.
   """
-  name: str = 'continual_lora'
+  name: ClassVar[str] = 'continual_lora'
 
   def begin_task(self, server: Server, task: int, key: jax.Array) -> Server:
     return server  # the LoRA initialised by init_server continues
@@ -131,7 +131,7 @@ class ContinualLoRA(Method):
 
   def local_spec(self, task: int, rnd: int) -> LocalSpec:
     c = self.config
-    return LocalSpec(factors=('a', 'b'), lr_lora=c.lr_b, lr_head=c.lr_head,
+    return LocalSpec(factors=('a', 'b'), lr_a=c.lr_a, lr_b=c.lr_b, lr_head=c.lr_head,
                      weight_decay=c.weight_decay, loss_term=self.loss_term(task))
 
   def client_weights(self, results: ClientResults) -> jax.Array:
@@ -147,7 +147,7 @@ class ContinualLoRA(Method):
 @dataclasses.dataclass
 class EWC(ContinualLoRA):
   """EWC (LoRA variant; the reference fine-tunes the whole ViT)."""
-  name: str = 'ewc'
+  name: ClassVar[str] = 'ewc'
   lam: float = 1.0     # reference ewc_lambda
   gamma: float = 0.9   # reference ewc_gamma (online Fisher)
 
@@ -187,7 +187,7 @@ class EWC(ContinualLoRA):
 @dataclasses.dataclass
 class LwF(ContinualLoRA):
   """Learning without Forgetting (LoRA variant; the reference fine-tunes the whole ViT)."""
-  name: str = 'lwf'
+  name: ClassVar[str] = 'lwf'
   alpha: float = 0.5  # reference alpha
   temp: float = 2.0   # reference's hard-coded temperature
 
@@ -211,7 +211,7 @@ class LwF(ContinualLoRA):
 @dataclasses.dataclass
 class FedProto(ContinualLoRA):
   """FedProto (LoRA variant; the reference fine-tunes the whole ViT)."""
-  name: str = 'fedproto'
+  name: ClassVar[str] = 'fedproto'
   ld_reg: float = 0.1  # reference ld_reg
 
   def init_extra(self, params: F.Params) -> dict:
@@ -247,7 +247,7 @@ class FedProto(ContinualLoRA):
 @dataclasses.dataclass
 class FisherAvg(ContinualLoRA):
   """Fisher-weighted averaging (LoRA variant; the reference fine-tunes the whole ViT)."""
-  name: str = 'fisheravg'
+  name: ClassVar[str] = 'fisheravg'
 
   def stats_request(self, task: int, rnd: int) -> StatFn | None:
     return diagonal_fisher

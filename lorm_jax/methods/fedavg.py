@@ -16,6 +16,7 @@ deltas a_t @ b_t (kept as a running sum, checkpointed).
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +29,8 @@ from lorm_jax.models import functional as F
 
 @dataclasses.dataclass
 class FedAvg(Method):
-  name: str = 'fedavg'
-  factors: tuple[str, ...] = ('a', 'b')
+  name: ClassVar[str] = 'fedavg'
+  factors: ClassVar[tuple[str, ...]] = ('a', 'b')  # trained and averaged
 
   def init_extra(self, params: F.Params) -> dict:
     return {'delta_sum': {k: jnp.zeros((params.a[k].shape[0], params.b[k].shape[1]))
@@ -37,7 +38,7 @@ class FedAvg(Method):
 
   def local_spec(self, task: int, rnd: int) -> LocalSpec:
     c = self.config
-    return LocalSpec(factors=self.factors, lr_lora=c.lr_b, lr_head=c.lr_head,
+    return LocalSpec(factors=self.factors, lr_a=c.lr_a, lr_b=c.lr_b, lr_head=c.lr_head,
                      weight_decay=c.weight_decay)
 
   def aggregate(self, server: Server, results: ClientResults, task: int, rnd: int
@@ -58,5 +59,5 @@ class FedAvg(Method):
 
 @dataclasses.dataclass
 class FFALoRA(FedAvg):
-  name: str = 'ffa_lora'
-  factors: tuple[str, ...] = ('b',)
+  name: ClassVar[str] = 'ffa_lora'
+  factors: ClassVar[tuple[str, ...]] = ('b',)

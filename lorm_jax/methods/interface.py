@@ -69,7 +69,9 @@ class LocalSpec:
   """What a client trains in one round (static under jit).
 
   factors: the LoRA factors trained this round, a subset of ('a', 'b'); the
-  others stay at the server's value. A fresh optimizer per round, as the
+  others stay at the server's value. lr_a, lr_b, lr_head: the learning rates
+  of A, B and the head, the same meaning in every method (config lr_a, lr_b,
+  lr_head). A fresh optimizer per round, as the
   reference: 'adamw' (decoupled weight decay) or 'adam' (no decay; a method
   that wants torch Adam's coupled L2 puts it in its loss term).
   loss_term: an optional extra loss (a module-level function, so the spec
@@ -78,7 +80,8 @@ class LocalSpec:
   (a loss term then supplies the whole objective).
   """
   factors: tuple[str, ...]
-  lr_lora: float
+  lr_a: float
+  lr_b: float
   lr_head: float
   weight_decay: float = 0.0
   train_head: bool = True

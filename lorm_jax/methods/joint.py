@@ -17,6 +17,7 @@ every client with >= min_samples per task), trained by FedAvg of LoRA.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import numpy as np
 
@@ -25,8 +26,8 @@ from lorm_jax.methods.fedavg import FedAvg
 
 @dataclasses.dataclass
 class Joint(FedAvg):
-  name: str = 'joint'
-  central: bool = True
+  name: ClassVar[str] = 'joint'
+  central: ClassVar[bool] = True
 
   def task_structure(self, task_classes: list[np.ndarray], split: list[list[np.ndarray]]
                      ) -> tuple[list[np.ndarray], list[list[np.ndarray]]]:
@@ -41,5 +42,5 @@ class Joint(FedAvg):
 
 @dataclasses.dataclass
 class JointFed(Joint):
-  name: str = 'joint_fed'
-  central: bool = False
+  name: ClassVar[str] = 'joint_fed'
+  central: ClassVar[bool] = False

@@ -10,6 +10,7 @@ evaluated model is W0 + Q^-1 P.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +44,7 @@ def trained_factor(schedule: str, task: int, rnd: int) -> str:
 
 @dataclasses.dataclass
 class LoRM(Method):
-  name: str = 'lorm'
+  name: ClassVar[str] = 'lorm'
 
   @classmethod
   def validate(cls, config: ConfigDict) -> None:
@@ -68,8 +69,8 @@ class LoRM(Method):
   def local_spec(self, task: int, rnd: int) -> LocalSpec:
     c = self.config
     factor = trained_factor(c.schedule, task, rnd)
-    return LocalSpec(factors=(factor,), lr_lora=c.lr_a if factor == 'a' else c.lr_b,
-                     lr_head=c.lr_head, weight_decay=c.weight_decay)
+    return LocalSpec(factors=(factor,), lr_a=c.lr_a, lr_b=c.lr_b, lr_head=c.lr_head,
+                     weight_decay=c.weight_decay)
 
   def gram_request(self, task: int, rnd: int) -> GramRequest:
     return GramRequest(self.backbone_gram_mode, True)

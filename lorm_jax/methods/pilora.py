@@ -32,7 +32,7 @@ reference keeps it in the optimizer but not in the loss).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -130,7 +130,7 @@ def merge_prototypes(protos: jax.Array, count: jax.Array, sums: jax.Array, prese
 @dataclasses.dataclass
 class PILoRA(Method):
   """PILoRA with the reference's constants."""
-  name: str = 'pilora'
+  name: ClassVar[str] = 'pilora'
   forward = staticmethod(pilora_forward)
   temp: float = 1.0       # reference temp
   soft_temp: float = 0.2  # reference soft_temp
@@ -167,7 +167,7 @@ class PILoRA(Method):
 
   def local_spec(self, task: int, rnd: int) -> LocalSpec:
     c = self.config
-    return LocalSpec(factors=('a', 'b'), lr_lora=c.lr_b, lr_head=c.lr_head, optimizer='adam',
+    return LocalSpec(factors=('a', 'b'), lr_a=c.lr_a, lr_b=c.lr_b, lr_head=c.lr_head, optimizer='adam',
                      loss_term=pilora_loss, cross_entropy=False)
 
   def forward_ctx(self, server: Server, task: int) -> Any:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -97,7 +97,8 @@ class PromptMethod(Method):
 
   def local_spec(self, task: int, rnd: int) -> LocalSpec:
     c = self.config
-    return LocalSpec(factors=(), lr_lora=c.lr_head, lr_head=c.lr_head, weight_decay=0.0)
+    return LocalSpec(factors=(), lr_a=c.lr_a, lr_b=c.lr_b, lr_head=c.lr_head,
+                     weight_decay=0.0)
 
   def aggregate(self, server: Server, results: ClientResults, task: int, rnd: int
                 ) -> tuple[Server, dict]:
@@ -108,7 +109,7 @@ class PromptMethod(Method):
 @dataclasses.dataclass
 class L2P(PromptMethod):
   """Learning to Prompt with a shared pool (reference `l2p`)."""
-  name: str = 'l2p'
+  name: ClassVar[str] = 'l2p'
   forward = staticmethod(l2p_forward)
 
   def init_prompts(self, key: jax.Array, params: F.Params) -> F.Flat:
@@ -179,7 +180,7 @@ def gram_schmidt_rows(key: jax.Array, rows: jax.Array, start: int, stop: int) ->
 @dataclasses.dataclass
 class CodaPrompt(PromptMethod):
   """CODA-Prompt (reference `coda_prompt`, ortho penalty mu = 0)."""
-  name: str = 'coda_p'
+  name: ClassVar[str] = 'coda_p'
   forward = staticmethod(coda_forward)
 
   def task_slice(self, task: int) -> tuple[int, int]:

