@@ -23,6 +23,20 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 BENCHMARKS_MD = REPO_ROOT / 'BENCHMARKS.md'
 
 
+def random_model(cfg: Any) -> Any:
+  """A FunctionalViT of `cfg` (a vit.ViTConfig) with every parameter drawn as
+  0.02 * N(0, 1) from a fixed seed (weights do not matter for timing)."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from lorm_jax.models import functional as F, vit  # pylint: disable=import-outside-toplevel
+  model = nnx.eval_shape(lambda: vit.ViT(cfg, rngs=nnx.Rngs(0)))
+  rng = np.random.default_rng(0)
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, nnx.Variable):
+      node.set_value(jnp.asarray(0.02 * rng.standard_normal(node.get_value().shape), jnp.float32))
+  return F.FunctionalViT(model)
+
+
 def block(tree: Any) -> Any:
   """Waits for every JAX array in tree (other leaves pass through)."""
   for leaf in jax.tree_util.tree_leaves(tree):

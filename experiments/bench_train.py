@@ -24,7 +24,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from experiments import bench_common as bc
 from lorm_jax.federated import client
@@ -45,12 +44,7 @@ BATCH = 16
 def _model(shape) -> F.FunctionalViT:
   cfg = vit.architecture(shape['arch'], image_size=shape['image'], num_classes=shape['classes'],
                          lora_rank=shape['rank'])
-  model = nnx.eval_shape(lambda: vit.ViT(cfg, rngs=nnx.Rngs(0)))
-  rng = np.random.default_rng(0)
-  for _, node in nnx.iter_graph(model):
-    if isinstance(node, nnx.Variable):
-      node.set_value(jnp.asarray(0.02 * rng.standard_normal(node.get_value().shape), jnp.float32))
-  return F.FunctionalViT(model)
+  return bc.random_model(cfg)
 
 
 def _flops(jitted, *args) -> float:

@@ -417,15 +417,6 @@ def peak_of(device_kind: str) -> dict[str, float] | None:
   return None
 
 
-def _random_model(cfg: vit.ViTConfig) -> F.FunctionalViT:
-  model = nnx.eval_shape(lambda: vit.ViT(cfg, rngs=nnx.Rngs(0)))
-  rng = np.random.default_rng(0)
-  for _, node in nnx.iter_graph(model):
-    if isinstance(node, nnx.Variable):
-      node.set_value(jnp.asarray(0.02 * rng.standard_normal(node.get_value().shape), jnp.float32))
-  return F.FunctionalViT(model)
-
-
 def device_peak_bytes() -> int | None:
   stats = jax.devices()[0].memory_stats() or {}
   return stats.get('peak_bytes_in_use')
@@ -440,7 +431,7 @@ def measure_training(arch: str, image: int, dtype: str, clients: int, steps: int
   (`metrics.vit_train_flops`), the compiled programs' memory."""
   cfg = vit.architecture(arch, image_size=image, num_classes=classes, lora_rank=rank,
                          dtype=dtype)
-  fm = _random_model(cfg)
+  fm = bc.random_model(cfg)
   p = fm.initial_params()
   n = clients * steps * batch
   images = jax.random.randint(jax.random.key(0), (n, image, image, 3), 0, 255).astype(jnp.uint8)

@@ -106,19 +106,25 @@ def serve(folder: str | os.PathLike, cut_once: dict[str, int] | None = None
 # ------------------------------------------------------------------ fixtures
 
 
-def augreg_arrays(seed: int = 0, patch: int = 8, width: int = 64, depth: int = 2,
-                  heads: int = 2, mlp: int = 128, grid: int = 4) -> dict[str, np.ndarray]:
-  """Random arrays with the names and shape pattern of an AugReg ViT .npz."""
-  rng = np.random.default_rng(seed)
+def augreg_arrays(rng: np.random.Generator | int = 0, patch: int = 8, width: int = 64,
+                  depth: int = 2, heads: int = 2, mlp: int = 128, grid: int = 4,
+                  scale: float = 0.05, prefix: str = '', pre_logits: bool = False
+                  ) -> dict[str, np.ndarray]:
+  """Random arrays with exactly the names and shape pattern of an AugReg
+  (vit_models) .npz: `augreg_tiny` by default; `prefix` as some files have
+  ('params/'); `pre_logits` adds that layer, which the loader ignores."""
+  rng = np.random.default_rng(rng) if isinstance(rng, int) else rng
   hd = width // heads
 
-  def r(*shape, scale=0.05):
+  def r(*shape):
     return (rng.standard_normal(shape) * scale).astype(np.float32)
   w = {'embedding/kernel': r(patch, patch, 3, width), 'embedding/bias': r(width),
        'cls': r(1, 1, width),
        'Transformer/posembed_input/pos_embedding': r(1, grid * grid + 1, width),
        'Transformer/encoder_norm/scale': 1 + r(width), 'Transformer/encoder_norm/bias': r(width),
-       'head/kernel': r(width, 7), 'head/bias': r(7)}
+       'head/kernel': r(width, 5), 'head/bias': r(5)}
+  if pre_logits:
+    w.update({'pre_logits/kernel': r(width, width), 'pre_logits/bias': r(width)})
   for i in range(depth):
     s = f'Transformer/encoderblock_{i}/'
     a = s + 'MultiHeadDotProductAttention_1/'
@@ -134,7 +140,7 @@ def augreg_arrays(seed: int = 0, patch: int = 8, width: int = 64, depth: int = 2
     w[s + 'MlpBlock_3/Dense_0/bias'] = r(mlp)
     w[s + 'MlpBlock_3/Dense_1/kernel'] = r(mlp, width)
     w[s + 'MlpBlock_3/Dense_1/bias'] = r(width)
-  return w
+  return {prefix + k: v for k, v in w.items()}
 
 
 def imagenet_r_tar(path: str | os.PathLike, wnids: list[str], per_class: int = IMAGES_PER_CLASS,

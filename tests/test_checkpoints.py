@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from lorm_jax import download
+from tests import loopback
 from lorm_jax.models import augreg, dinov2_onnx, npz, posemb
 from lorm_jax.models import augreg_b16, dinov2_s14, pretrained
 from lorm_jax.models import vit
@@ -49,29 +50,8 @@ def _all_tokens(model: vit.ViT, images: jnp.ndarray) -> np.ndarray:
 
 def _synthetic_augreg(rng: np.random.Generator, prefix: str = '') -> dict[str, np.ndarray]:
   """Random arrays with exactly the vit_models names and shapes."""
-  def r(*shape, scale=0.3):
-    return (rng.standard_normal(shape) * scale).astype(np.float32)
-  w = {'embedding/kernel': r(P, P, 3, D), 'embedding/bias': r(D), 'cls': r(1, 1, D),
-       'Transformer/posembed_input/pos_embedding': r(1, GRID * GRID + 1, D),
-       'Transformer/encoder_norm/scale': 1 + r(D), 'Transformer/encoder_norm/bias': r(D),
-       'head/kernel': r(D, 5), 'head/bias': r(5),
-       'pre_logits/kernel': r(D, D), 'pre_logits/bias': r(D)}
-  for i in range(DEPTH):
-    s = f'Transformer/encoderblock_{i}/'
-    a = s + 'MultiHeadDotProductAttention_1/'
-    for n in ('query', 'key', 'value'):
-      w[a + f'{n}/kernel'] = r(D, H, HD)
-      w[a + f'{n}/bias'] = r(H, HD)
-    w[a + 'out/kernel'] = r(H, HD, D)
-    w[a + 'out/bias'] = r(D)
-    for ln in ('LayerNorm_0', 'LayerNorm_2'):
-      w[s + f'{ln}/scale'] = 1 + r(D)
-      w[s + f'{ln}/bias'] = r(D)
-    w[s + 'MlpBlock_3/Dense_0/kernel'] = r(D, M)
-    w[s + 'MlpBlock_3/Dense_0/bias'] = r(M)
-    w[s + 'MlpBlock_3/Dense_1/kernel'] = r(M, D)
-    w[s + 'MlpBlock_3/Dense_1/bias'] = r(D)
-  return {prefix + k: v for k, v in w.items()}
+  return loopback.augreg_arrays(rng, patch=P, width=D, depth=DEPTH, heads=H, mlp=M, grid=GRID,
+                                scale=0.3, prefix=prefix, pre_logits=True)
 
 
 def _reference_vit(w: dict[str, np.ndarray], images: np.ndarray) -> np.ndarray:

@@ -5,24 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from configs import smoke
+from conftest import smoke_config
 from lorm_jax.data import augment, registry
 from lorm_jax.data.dataset import Dataset, DatasetFacts
 from lorm_jax.errors import ConfigError
 from lorm_jax.federated import setup, simulate
-
-
-def _config(**overrides):
-  c = smoke.get_config()
-  c.unlock()
-  for k, v in overrides.items():
-    node = c
-    *path, leaf = k.split('.')
-    for p in path:
-      node = node[p]
-    node[leaf] = v
-  c.lock()
-  return c
 
 
 def _every_name():
@@ -37,12 +24,12 @@ def test_every_name_and_alias_resolves_everywhere_or_is_refused_in_one_line(name
   tasks = dict(num_tasks=f.num_tasks, classes_per_task=f.classes_per_task)
   if f.preset is None:   # synthetic: a config must name the preprocessing to time
     with pytest.raises(ConfigError, match='no preprocessing preset') as e:
-      setup.validate_config(_config(**{'dataset.name': name}, **tasks))
+      setup.validate_config(smoke_config(**{'dataset.name': name}, **tasks))
     assert '\n' not in str(e.value)
-    setup.validate_config(_config(**{'dataset.name': name, 'dataset.preprocess': 'imagenet-r'},
+    setup.validate_config(smoke_config(**{'dataset.name': name, 'dataset.preprocess': 'imagenet-r'},
                                   **tasks))
     return
-  setup.validate_config(_config(**{'dataset.name': name}, **tasks))
+  setup.validate_config(smoke_config(**{'dataset.name': name}, **tasks))
   assert augment.preset(name, 32) == augment.preset(canonical, 32)
 
 
@@ -51,7 +38,7 @@ def test_cifar_100_resolves_and_unknown_names_are_one_line():
   assert augment.preset('cifar-100', 224).rrc_scale == (0.08, 1.0)
   for bad in ({'dataset.name': 'cifar1000'}, {'dataset.preprocess': 'cifar1000'}):
     with pytest.raises(ConfigError, match="unknown dataset 'cifar1000'; known: ") as e:
-      setup.validate_config(_config(**bad))
+      setup.validate_config(smoke_config(**bad))
     assert '\n' not in str(e.value)
 
 
@@ -80,7 +67,7 @@ def test_adding_a_dataset_is_a_loader_and_one_registry_line(tmp_path):
   registry.register(DatasetFacts('toy_stripes', None, None, 4, 2, 2, 'train', 'test',
                                  _toy_loader, preset='plain', aliases=('toy',)))
   try:
-    c = _config(**{'dataset.name': 'toy', 'dataset.train_per_class': 0,
+    c = smoke_config(**{'dataset.name': 'toy', 'dataset.train_per_class': 0,
                    'dataset.test_per_class': 0, 'rounds': 1, 'min_samples': 2})
     results = simulate.run(c, str(tmp_path / 'run'), progress=False)
     assert results['dataset'] == 'toy' and len(results['accuracy_per_task_end']) == 2
@@ -104,19 +91,19 @@ def test_adding_a_backbone_is_a_module_and_one_registry_line(tmp_path, monkeypat
   backbones.register(backbones.Backbone('toy_vit', arch, aliases=('toy',),
                                         weights_file='toy_vit.npz', fetch=fetch))
   try:
-    c = _config(**{'model.name': 'toy', 'model.weights': 'default', 'rounds': 1})
+    c = smoke_config(**{'model.name': 'toy', 'model.weights': 'default', 'rounds': 1})
     results = simulate.run(c, str(tmp_path / 'run'), progress=False)
     assert len(results['accuracy_per_task_end']) == 2
     assert (tmp_path / 'cache' / 'toy_vit.npz').is_file()
   finally:
     backbones.unregister('toy_vit')
   with pytest.raises(ConfigError, match="unknown model 'toy'"):
-    setup.validate_config(_config(**{'model.name': 'toy'}))
+    setup.validate_config(smoke_config(**{'model.name': 'toy'}))
 
 
-def test_every_method_hyperparameter_is_reachable_from_the_config():
+def test_every_method_hyperparameter_is_reachable_from_thesmoke_config():
   from lorm_jax import methods
-  c = _config()
+  c = smoke_config()
   for name, cls in methods.METHODS.items():
     defaults = cls.hyperparameters()
     if not defaults:
@@ -124,13 +111,13 @@ def test_every_method_hyperparameter_is_reachable_from_the_config():
       continue
     assert c[name].to_dict() == defaults
     changed = {k: (v * 2 if isinstance(v, (int, float)) else v) for k, v in defaults.items()}
-    m = methods.make_method(name, _config(**{f'{name}.{k}': v for k, v in changed.items()}))
+    m = methods.make_method(name, smoke_config(**{f'{name}.{k}': v for k, v in changed.items()}))
     assert {k: getattr(m, k) for k in defaults} == changed, name
 
 
 def test_lora_learning_rates_mean_the_same_in_every_method():
   from lorm_jax import methods
-  c = _config(lr_a=1e-3, lr_b=2e-3, lr_head=3e-3)
+  c = smoke_config(lr_a=1e-3, lr_b=2e-3, lr_head=3e-3)
   for name in methods.METHODS:
     spec = methods.make_method(name, c).local_spec(0, 0)
     assert (spec.lr_a, spec.lr_b, spec.lr_head) == (1e-3, 2e-3, 3e-3), name

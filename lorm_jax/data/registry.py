@@ -14,6 +14,7 @@ and one ``register(DatasetFacts(...))`` line (docs/architecture.md).
 from __future__ import annotations
 
 from lorm_jax.data import fmnist, synthetic, tfds_source
+from lorm_jax.registry import Registry
 from lorm_jax.data.dataset import Dataset, DatasetFacts
 
 
@@ -35,36 +36,8 @@ def _load_tfds(f, data_dir=None, manual_dir=None, store_size=256, train_per_clas
   return tfds_source.load_tfds_dataset(f.name, data_dir, manual_dir, store_size, **kwargs)
 
 
-DATASETS: dict[str, DatasetFacts] = {}
-_ALIASES: dict[str, str] = {}
-
-
-def register(f: DatasetFacts) -> DatasetFacts:
-  """Adds a row (its name and aliases must be new)."""
-  for name in (f.name, *f.aliases):
-    if name in DATASETS or name in _ALIASES:
-      raise ValueError(f'dataset name {name!r} is registered already')
-  DATASETS[f.name] = f
-  _ALIASES.update({a: f.name for a in f.aliases})
-  return f
-
-
-def unregister(name: str) -> None:
-  """Removes a row (tests that register a toy dataset)."""
-  f = DATASETS.pop(name)
-  for a in f.aliases:
-    _ALIASES.pop(a, None)
-
-
-def facts(name: str) -> DatasetFacts:
-  """The row of ``name`` or one of its aliases; ValueError (one line, the
-  known names) otherwise."""
-  key = _ALIASES.get(name, name)
-  if key not in DATASETS:
-    known = ', '.join(sorted(DATASETS))
-    raise ValueError(f'unknown dataset {name!r}; known: {known} (aliases: '
-                     f'{", ".join(sorted(_ALIASES))})')
-  return DATASETS[key]
+DATASETS: Registry[DatasetFacts] = Registry('dataset')
+register, unregister, facts = DATASETS.register, DATASETS.unregister, DATASETS.get
 
 
 def load_dataset(name: str, data_dir: str | None = None, manual_dir: str | None = None,

