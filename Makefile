@@ -40,7 +40,7 @@ run: setup
 	$(BIN)/python -m experiments.run --config=configs/default.py --workdir=$(WORKDIR)
 
 test: setup
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests --durations=25
 
 paper: $(STAMP)
 	set -e; for b in $(BENCHMARKS); do \
