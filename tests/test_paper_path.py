@@ -17,8 +17,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _run(workdir: Path, env: dict, *extra: str) -> subprocess.CompletedProcess:
+  # One CPU device: the point here is acquisition -> run -> report; several
+  # devices are tested elsewhere (and a 2-device run on these 2 cores once
+  # stalled in an XLA:CPU all-reduce rendezvous, see BENCHMARKS.md).
   cmd = [sys.executable, '-m', 'experiments.run', '--config=configs/imagenet_r.py',
-         f'--workdir={workdir}', *loopback.tiny_flags(), *extra]
+         f'--workdir={workdir}', '--cpu_devices=1', *loopback.tiny_flags(), *extra]
   return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
