@@ -359,8 +359,7 @@ def federated_round(exp: Experiment, passes: Passes, server: dict, t: int, r: in
   request, grams, head_grams = method.gram_request(t, r), {}, None
   with timer('gram'):
     if request is not None:
-      gdeltas, b_scale = method.gram_model(server, t)
-      params = {'a': a_c, 'b': jax.tree.map(lambda x: x * b_scale, b_c), 'head': head_c}
+      gdeltas, params = method.gram_inputs(server, t, {'a': a_c, 'b': b_c, 'head': head_c})
       grams, head_grams = jax.block_until_ready(passes.grams(
           request, add_deltas(exp.params.frozen, gdeltas), params,
           passes.plan('gram', t, r, ids, 1), per_client=True))
@@ -408,9 +407,8 @@ def finish_task(exp: Experiment, passes: Passes, server: dict, t: int) -> tuple[
   request, task_grams, upload = method.end_task_gram_request(), None, 0
   if request is not None:
     _, ids = _participants(exp, t, c.rounds - 1)
-    gdeltas, b_scale = method.gram_model(server, t)
-    params = {'a': server['a'], 'b': jax.tree.map(lambda x: x * b_scale, server['b']),
-              'head': server['head']}
+    gdeltas, params = method.gram_inputs(
+        server, t, {'a': server['a'], 'b': server['b'], 'head': server['head']})
     per_client, _ = passes.grams(request, add_deltas(exp.params.frozen, gdeltas), params,
                                  passes.plan('task_gram', t, 0, ids, 1), per_client=False)
     task_grams = jax.tree.map(lambda x: jnp.sum(x, axis=0), per_client)

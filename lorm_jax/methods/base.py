@@ -111,6 +111,13 @@ class Method:
     """(kernel deltas added to W0, scale applied to b) for Gram passes."""
     return {}, 1.0
 
+  def gram_inputs(self, server: Server, task: int, params: dict) -> tuple[F.Flat, dict]:
+    """What a Gram pass over `params` ({'a', 'b', 'head'}: the clients' after
+    training, or the server's at the task's end) runs through: (kernel deltas
+    added to W0, the factors as the pass sees them), from `gram_model`."""
+    deltas, b_scale = self.gram_model(server, task)
+    return deltas, {**params, 'b': jax.tree.map(lambda x: x * b_scale, params['b'])}
+
   def aggregate(self, server: Server, results: ClientResults, task: int, rnd: int
                 ) -> tuple[Server, dict]:
     raise NotImplementedError
