@@ -48,7 +48,8 @@ class Passes:
   training set and a PRNG key, drawn from (seed, purpose, task, round, client).
   """
 
-  def __init__(self, exp: Experiment, runner: ClientRunner):
+  def __init__(self, exp: Experiment, runner: ClientRunner,
+               sizing_decision: sizing.Decision | None = None):
     self.exp, self.runner = exp, runner
     # Sequential clients skip padded steps at run time, so every pass can use
     # the run's largest step count: one compilation for the whole run. Vmapped
@@ -58,8 +59,8 @@ class Passes:
     # Set by experiments.replay_round: local training draws the shuffles of
     # this round index instead of its own (None: its own).
     self.redraw_round: int | None = None
-    # Set by prepare: the chunk and evaluation batch chosen (sizing.Decision).
-    self.sizing: sizing.Decision | None = None
+    # The chunk and evaluation batch chosen for the run (None: not sized).
+    self.sizing = sizing_decision
 
   def plan(self, purpose: str, task: int, rnd: int, ids: np.ndarray, epochs: int
            ) -> tuple[dict, np.ndarray]:
@@ -242,9 +243,7 @@ def prepare(config: ConfigDict, workdir: str, lock: checkpointing.WorkdirLock | 
   exp = _apply_task_structure(build_experiment(config, workdir, lock, write=write))
   runner = ClientRunner(config.client_mode, decision.clients_per_chunk)
   exp = _replicate_inputs(exp, runner)
-  passes = Passes(exp, runner)
-  passes.sizing = decision
-  return exp, passes
+  return exp, Passes(exp, runner, decision)
 
 
 def _run(config: ConfigDict, workdir: str, lock: checkpointing.WorkdirLock | None,
