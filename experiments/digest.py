@@ -61,11 +61,15 @@ def digest_run(config, method: str, max_rounds: int | None) -> dict:
 
 
 def compare(new: dict, old: dict) -> list[str]:
-  """Lines naming every run and field where the digests differ."""
+  """Lines naming every run and field where the digests differ. A run the
+  older digest lacks (a method added since) is no difference; one the new
+  digest lacks is."""
   diffs = []
   for run in sorted(set(new) | set(old)):
-    if run not in new or run not in old:
-      diffs.append(f'{run}: only in one digest')
+    if run not in new:
+      diffs.append(f'{run}: missing from the new digest')
+      continue
+    if run not in old:
       continue
     for part in ('rounds', 'evals', 'results'):
       if new[run][part] != old[run][part]:
@@ -84,8 +88,12 @@ def main(argv):
     with open(_OUT.value, 'w') as f:
       json.dump(out, f, indent=1, sort_keys=True)
   if _CHECK.value:
-    diffs = compare(out, json.load(open(_CHECK.value)))
-    print('\n'.join(diffs) if diffs else f'identical to {_CHECK.value}: {len(out)} runs')
+    old = json.load(open(_CHECK.value))
+    diffs = compare(out, old)
+    added = sorted(set(out) - set(old))
+    print('\n'.join(diffs) if diffs else
+          f'identical to {_CHECK.value}: {len(set(out) & set(old))} runs'
+          + (f' (new, not compared: {", ".join(added)})' if added else ''))
     sys.exit(1 if diffs else 0)
 
 

@@ -51,7 +51,7 @@ from ml_collections import ConfigDict
 
 from experiments import bench_common as bc
 from lorm_jax import methods as methods_lib, metrics
-from lorm_jax.federated import client, setup
+from lorm_jax.federated import client, setup, sizing
 from lorm_jax.federated.runner import ClientRunner
 from lorm_jax.methods import ClientResults
 from lorm_jax.models import functional as F, vit
@@ -132,134 +132,109 @@ def _stack(tree: Any, c: int) -> Any:
                                                      sharding=x.sharding), tree)
 
 
-def abstract_model(c: ConfigDict, num_classes: int) -> F.FunctionalViT:
-  """The config's FunctionalViT with abstract (shape-only) parameters: no weights read."""
-  cfg = vit.architecture(c.model.name, image_size=c.image_size, num_classes=num_classes,
-                         lora_rank=c.model.rank, dtype=c.model.dtype)
-  return F.FunctionalViT(nnx.eval_shape(lambda: vit.ViT(cfg, rngs=nnx.Rngs(0))))
-
-
 def paper_programs(c: ConfigDict, device: jax.Device, clients: int) -> list[Program]:
   """Every program a run of config c compiles, for `clients` clients per chunk on device.
 
   Task 1 (a later task: the cross-task terms are live), its B-round (round 0) and A-round
-  (round 1), as `simulate.federated_round`, `finish_task` and `evaluate` build them.
+  (round 1): the per-client passes exactly as the run builds them from the method's round
+  plan (`sizing.abstract_round_plan`, `sizing.round_passes`), the merges, the cross-task
+  merge and the evaluation.
   """
   from jax.sharding import SingleDeviceSharding
   sh = SingleDeviceSharding(device)
-  n_train, n_test, side = data_shapes(c)
-  num_classes = 200 if c.dataset.name in ('imagenet_r', 'imagenet_a', 'synthetic') else None
-  model = abstract_model(c, num_classes)
-  method = methods_lib.make_method(c.method, c)
-  p = model.initial_params()
-  params = F.Params(*(_abstract(x, sh) for x in (p.frozen, p.a, p.b, p.head)))
-  head = _abstract(jax.eval_shape(lambda: F.init_head(jax.random.key(0), model.cfg.width,
-                                                      num_classes)), sh)
-  server = _abstract(jax.eval_shape(
-      lambda fr, a, b, h: method.init_server(F.Params(fr, a, b, h), h, jax.random.key(0)),
-      params.frozen, params.a, params.b, head), sh)
-  images = jax.ShapeDtypeStruct((n_train, side, side, 3), jnp.uint8, sharding=sh)
-  labels = jax.ShapeDtypeStruct((n_train,), jnp.int32, sharding=sh)
-  test_images = jax.ShapeDtypeStruct((n_test, side, side, 3), jnp.uint8, sharding=sh)
-  class_mask = jax.ShapeDtypeStruct((num_classes,), jnp.bool_, sharding=sh)
-  key = _abstract(jax.eval_shape(lambda: jax.random.key(0)), sh)
-  pre_train, pre_test = setup.preprocessors(c)
-
+  on = lambda tree: _abstract(tree, sh)
+  s = sizing.run_shapes(c)
+  p = s.params
+  s = dataclasses.replace(s, params=F.Params(on(p.frozen), on(p.a), on(p.b), on(p.head)),
+                          server=on(s.server))
+  method, srv, t = s.method, s.server, 1
   runner = ClientRunner(c.client_mode, clients, devices=[device])
+  data = on({'images': jax.ShapeDtypeStruct((s.data.num_train,) + s.data.image_shape, jnp.uint8),
+             'labels': jax.ShapeDtypeStruct((s.data.num_train,), jnp.int32),
+             'class_mask': jax.ShapeDtypeStruct((s.num_classes,), jnp.bool_)})
   # Steps per client: a client holding twice a balanced share of a task's images, for
   # local_epochs (training) or one epoch (Gram, statistics). Vmapped clients pad to the
   # pass's largest client; the step count sets only the (S, B) plans and per-step
   # scalars, not the step's buffers.
-  per_task = n_train // c.num_tasks
-  epoch = math.ceil(2 * per_task / c.num_clients / c.batch_size)
+  epoch = math.ceil(2 * (s.data.num_train // c.num_tasks) / c.num_clients / c.batch_size)
+  out, seen, plans = [], set(), {}
+  for rnd, kind in ((0, 'B'), (1, 'A')):
+    plan = plans[kind] = sizing.abstract_round_plan(method, srv, t, rnd, clients)
+    for name, fn, shared, epochs, own in sizing.round_passes(s, runner, plan, data):
+      if name != 'train_' + ''.join(plan.spec.factors) and name in seen:
+        continue   # the Gram and statistics passes are the same program every round
+      seen.add(name)
+      per_client = on({**sizing.batch_plan(clients, epoch * epochs, c.batch_size),
+                       **sizing._stacked(own, clients)})  # pylint: disable=protected-access
+      label = f'train_{kind}' if name.startswith('train') else f'{name}_round'
+      out.append(Program(label, f'client.{fn.func.__name__}, {kind}-round, {clients} '
+                         f'client(s) x {epoch * epochs} steps',
+                         lambda fn=fn, sh_=on(shared), pc=per_client: runner._call.lower(fn, sh_, pc),
+                         clients))
+  out += _server_programs(s, plans, clients, sh)
+  return out + _eval_programs(s, c, device, sh)
 
-  def plan(steps):
-    one = {'idx': jax.ShapeDtypeStruct((steps, c.batch_size), jnp.int32, sharding=sh),
-           'mask': jax.ShapeDtypeStruct((steps, c.batch_size), jnp.float32, sharding=sh),
-           'key': key}
-    return _stack(one, clients)
 
-  t = 1
+def _server_programs(s, plans: dict, clients: int, sh) -> list[Program]:
+  """The round's merges (method.aggregate) over the clients' uploads, the
+  end-of-task Gram pass and the cross-task merge."""
+  method, srv, t, model = s.method, s.server, 1, s.model
+  lora = {f: srv[f] for f in ('a', 'b', 'head')}
+  stacked = _stack(lora, clients)
   out = []
-  srv = server
   for rnd, kind in ((0, 'B'), (1, 'A')):
-    spec = method.local_spec(t, rnd)
-    fn = runner.bind(client.local_train, model, method.forward, spec, pre_train,
-                     runner.half_batches)
-    aux = _abstract(jax.eval_shape(lambda s: method.train_aux(s, t), srv), sh)
-    ctx = _abstract(jax.eval_shape(lambda s: method.forward_ctx(s, t), srv), sh)
-    shared = dict(frozen=params.frozen, a=srv['a'], b=srv['b'], head=srv['head'],
-                  images=images, labels=labels, class_mask=class_mask, aux=aux, ctx=ctx)
-    out.append(Program(f'train_{kind}', f'client.local_train, {kind}-round ({"".join(spec.factors)} '
-                       f'+ head), {clients} client(s) x {epoch * c.local_epochs} steps',
-                       lambda fn=fn, shared=shared: runner._call.lower(
-                           fn, shared, plan(epoch * c.local_epochs)), clients))
-
-  client_params = _stack({'a': srv['a'], 'b': srv['b'], 'head': srv['head']}, clients)
-  request = method.gram_request(t, 0)
-  if request is not None:
-    fn = runner.bind(client.gram_pass, model, pre_train, request.backbone, request.head,
-                     runner.half_batches)
-    out.append(Program('gram_round', f'client.gram_pass (backbone {request.backbone}, head '
-                       f'{request.head}), the clients\' own factors',
-                       lambda fn=fn: runner._call.lower(
-                           fn, dict(frozen=params.frozen, images=images),
-                           {**plan(epoch), **client_params}), clients))
-  stat_fn = method.stats_request(t, 0)
-  if stat_fn is not None:
-    fn = runner.bind(client.stats_pass, model, method.forward, pre_train, stat_fn,
-                     runner.half_batches)
-    shared = dict(frozen=params.frozen, aux={}, ctx={}, images=images, labels=labels,
-                  class_mask=class_mask)
-    out.append(Program('stats', 'client.stats_pass', lambda fn=fn, shared=shared:
-                       runner._call.lower(fn, shared, {**plan(epoch), **client_params}),
-                       clients))
-  end_request = method.end_task_gram_request()
-  if end_request is not None:
-    fn = runner.bind(client.gram_pass, model, pre_train, end_request.backbone, end_request.head,
-                     runner.half_batches)
-    shared = dict(frozen=params.frozen, images=images, a=srv['a'], b=srv['b'], head=srv['head'])
-    out.append(Program('gram_task_end', f'client.gram_pass (backbone {end_request.backbone}), '
-                       'the server\'s factors', lambda fn=fn, shared=shared: runner._call.lower(
-                           fn, shared, plan(epoch)), clients))
-
-  # The round's merges (method.aggregate) over the clients' uploads.
-  gram_tree = None
-  if request is not None and request.backbone is not None:
-    gram_tree = {k: jax.ShapeDtypeStruct((clients,) + ((v.shape[0],) if request.backbone == 'diag'
-                                                       else (v.shape[0],) * 2), jnp.float32,
-                                         sharding=sh) for k, v in srv['a'].items()}
-  head_grams = (jax.ShapeDtypeStruct((clients, model.cfg.width, model.cfg.width), jnp.float32,
-                                     sharding=sh) if request is not None and request.head else None)
-  weights = jax.ShapeDtypeStruct((clients,), jnp.float32, sharding=sh)
-  for rnd, kind in ((0, 'B'), (1, 'A')):
-    results = ClientResults(client_params['a'], client_params['b'], client_params['head'],
-                            gram_tree or {}, head_grams, weights, None)
-    merge_fn = jax.jit(lambda s, r, rnd=rnd: method.aggregate(s, r, t, rnd))
+    request = plans[kind].gram
+    grams = {} if request is None or request.backbone is None else {
+        k: jax.ShapeDtypeStruct((clients,) + ((v.shape[0],) if request.backbone == 'diag'
+                                              else (v.shape[0],) * 2), jnp.float32, sharding=sh)
+        for k, v in srv['a'].items()}
+    head_grams = (jax.ShapeDtypeStruct((clients, model.cfg.width, model.cfg.width), jnp.float32,
+                                       sharding=sh) if request is not None and request.head
+                  else None)
+    row = lambda dt: jax.ShapeDtypeStruct((clients,), dt, sharding=sh)
+    results = ClientResults(stacked['a'], stacked['b'], stacked['head'], grams, head_grams,
+                            row(jnp.float32), None, client_ids=row(jnp.int32))
+    merge_fn = jax.jit(lambda sv, r, rnd=rnd: method.aggregate(sv, r, t, rnd))
     out.append(Program(f'merge_{kind}', f'method.aggregate, {kind}-round',
                        lambda f=merge_fn, r=results: f.lower(srv, r), clients))
-
+  end_request = method.end_task_gram_request()
   if end_request is not None:
-    task_grams = {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype, sharding=sh)
-                  for k, v in (gram_tree or {}).items()}
-    end_fn = jax.jit(lambda s, g: method.end_task(s, t, g))
+    runner = ClientRunner(s.config.client_mode, clients, devices=list(sh.device_set))
+    fn = runner.bind(client.gram_pass, model, s.preprocess_train, end_request.backbone,
+                     end_request.head, runner.half_batches)
+    images = jax.ShapeDtypeStruct((s.data.num_train,) + s.data.image_shape, jnp.uint8,
+                                  sharding=sh)
+    per_client = _abstract(sizing.batch_plan(clients, 1, s.config.batch_size), sh)
+    out.append(Program('gram_task_end', f'client.gram_pass (backbone {end_request.backbone}), '
+                       'the server\'s factors', lambda: runner._call.lower(
+                           fn, dict(frozen=s.params.frozen, images=images, **lora), per_client),
+                       clients))
+    task_grams = {k: jax.ShapeDtypeStruct((v.shape[0],) if end_request.backbone == 'diag'
+                                          else (v.shape[0],) * 2, jnp.float32, sharding=sh)
+                  for k, v in srv['a'].items()}
+    end_fn = jax.jit(lambda sv, g: method.end_task(sv, t, g))
     out.append(Program('cross_task_merge', 'method.end_task',
                        lambda: end_fn.lower(srv, task_grams), 1))
+  return out
 
-  def eval_model(s, frozen):
-    deltas, a, b = method.eval_model(s, t)
+
+def _eval_programs(s, c: ConfigDict, device, sh) -> list[Program]:
+  """The evaluated backbone (method.eval_model + add_deltas) and one batch of predictions."""
+  method, srv, t = s.method, s.server, 1
+
+  def eval_model(sv, frozen):
+    deltas, a, b = method.eval_model(sv, t)
     return F.add_kernel_deltas(frozen, deltas) if deltas else frozen, a, b
-  out.append(Program('eval_model', 'method.eval_model + add_deltas (the evaluated backbone)',
-                     lambda: jax.jit(eval_model).lower(srv, params.frozen), 1))
-  fn = runner.bind(client.predict, model, method.forward, pre_test)
-  ctx = _abstract(jax.eval_shape(lambda s: method.forward_ctx(s, t), srv), sh)
-  shared = dict(frozen=params.frozen, a=srv['a'], b=srv['b'], head=srv['head'], ctx=ctx,
-                images=test_images)
+  out = [Program('eval_model', 'method.eval_model + add_deltas (the evaluated backbone)',
+                 lambda: jax.jit(eval_model).lower(srv, s.params.frozen), 1)]
   eval_batch = c.eval_batch_size if c.eval_batch_size > 0 else 256
   eval_runner = ClientRunner(c.client_mode, 1, devices=[device])
+  probe, = sizing._predict_probes(s, eval_runner, (eval_batch,), t)  # pylint: disable=protected-access
+  fn, shared, per_client = probe.args
+  shared = {**shared, 'images': _abstract(shared['images'], sh),
+            'ctx': _abstract(shared['ctx'], sh)}
   out.append(Program('evaluate', f'client.predict, one batch of {eval_batch} test images',
-                     lambda: eval_runner._call.lower(fn, shared, {'idx': jax.ShapeDtypeStruct(
-                         (1, 1, eval_batch), jnp.int32, sharding=sh)}), 1))
+                     lambda: eval_runner._call.lower(fn, shared, _abstract(per_client, sh)), 1))
   return out
 
 

@@ -66,9 +66,9 @@ def replay(workdir: str, step: int, shuffles: int, dtype: str = '') -> list[dict
 
   records = []
   for k in range(shuffles):
-    passes.redraw_round = None if k == 0 else REDRAW_BASE + k
     t0 = time.time()
-    new, round_record = simulate.federated_round(exp, passes, server, t, r)
+    new, round_record = simulate.federated_round(
+        exp, passes, server, t, r, shuffle_round=None if k == 0 else REDRAW_BASE + k)
     record = {'step': step, 'task': t, 'round': r, 'shuffle': k,
               'dtype': config.model.dtype, 'devices': len(passes.runner.devices),
               'train_loss': round_record['train_loss'],

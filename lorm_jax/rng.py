@@ -12,7 +12,7 @@ import numpy as np
 
 # Purposes keep streams for different uses of the same round apart.
 PURPOSES = {'lora_init': 0, 'train': 1, 'gram': 2, 'task_gram': 3, 'head_init': 4,
-            'shuffle': 5, 'method': 6, 'stats': 7, 'participants': 8}
+            'shuffle': 5, 'method': 6, 'stats': 7, 'participants': 8, 'after_task': 9}
 
 
 def key(seed: int, purpose: str, task: int = 0, rnd: int = 0) -> jax.Array:

@@ -201,15 +201,15 @@ def test_padded_steps_and_samples_do_not_change_a_client():
       fm, interface.linear_head_forward, spec, pre, frozen=p.frozen, a=a, b=b, head=head,
       images=images, labels=labels, idx=jnp.asarray(i[0]), mask=jnp.asarray(m[0]),
       key=jax.random.key(4), class_mask=cm)
-  a1, b1, h1, s1 = run(idx, mask)
-  a2, b2, h2, s2 = run(idx_p, mask_p)
+  a1, b1, h1, s1, _ = run(idx, mask)
+  a2, b2, h2, s2, _ = run(idx_p, mask_p)
   for x, y in zip(jax.tree.leaves((a1, b1, h1)), jax.tree.leaves((a2, b2, h2))):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   assert float(s1['seen']) == float(s2['seen']) == 22 and int(s2['steps']) == 6
   # The padded sample of a partial batch does not count: change its image, same result.
   idx_x = idx.copy()
   idx_x[0, 2, 3] = 19
-  a3, b3, h3, _ = run(idx_x, mask)
+  a3, b3, h3, _, _ = run(idx_x, mask)
   np.testing.assert_array_equal(np.asarray(h3['kernel']), np.asarray(h1['kernel']))
   # Training really moved b and left the frozen factor a alone.
   assert not np.allclose(np.asarray(jax.tree.leaves(b1)[0]), 0.0)

@@ -110,7 +110,8 @@ def test_every_method_hyperparameter_is_reachable_from_thesmoke_config():
       assert name not in c
       continue
     assert c[name].to_dict() == defaults
-    changed = {k: (v * 2 if isinstance(v, (int, float)) else v) for k, v in defaults.items()}
+    changed = {k: (not v if isinstance(v, bool) else v * 2 if isinstance(v, (int, float)) else v)
+               for k, v in defaults.items()}
     m = methods.make_method(name, smoke_config(**{f'{name}.{k}': v for k, v in changed.items()}))
     assert {k: getattr(m, k) for k in defaults} == changed, name
 

@@ -257,10 +257,11 @@ def test_compute_view_changes_no_gradient():
   assert fm32.compute_view(p.frozen) is p.frozen
   fm = F.FunctionalViT(_build(dataclasses.replace(CFG, dtype='bfloat16')))
   view = fm.compute_view(p.frozen)
+  assert isinstance(view, F.ComputeView) and sorted(view.kernels_t) == fm.layer_names
   for layer in fm.layer_names:
-    w = view[F.kernel_key(layer)]
+    w = view.frozen[F.kernel_key(layer)]
     assert w.dtype == jnp.bfloat16
-    np.testing.assert_array_equal(np.asarray(view[layer + F.TRANSPOSED]), np.asarray(w.T))
+    np.testing.assert_array_equal(np.asarray(view.kernels_t[layer]), np.asarray(w.T))
   x = _images()
   b = {k: jnp.asarray(np.random.default_rng(2).standard_normal(v.shape) * 0.1, jnp.float32)
        for k, v in p.b.items()}

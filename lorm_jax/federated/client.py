@@ -12,7 +12,7 @@ asks of a client (`LocalSpec`, a loss term or statistic over a `Batch`, its
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +25,6 @@ from lorm_jax.models.functional import Flat, FunctionalViT
 Preprocess = Callable[[jax.Array, jax.Array], jax.Array]  # (key, uint8 (B,H,W,C)) -> f32
 
 
-# (model, frozen, a, b, head, ctx, images (B,H,W,C)) -> (logits (B,K), features (B,D))
 def make_optimizer(spec: LocalSpec) -> optax.GradientTransformation:
   """AdamW or Adam (default betas) with a learning rate per factor (A, B) and
   one for the head; params {'a'?, 'b'?, 'head'?} (what split_trainable gives)."""
@@ -71,55 +70,90 @@ def filled_step(w: jax.Array, carry: Any, update: Callable, half_batches: bool) 
   return jax.lax.switch(index, branches, carry)
 
 
+class Samples(NamedTuple):
+  """One batch of one client inside `batch_loop`, cut to its first n positions."""
+  x: jax.Array      # (n, H, W, C) preprocessed images
+  y: jax.Array | None  # (n,) int32 labels (None in a pass without labels)
+  w: jax.Array      # (n,) sample weights, 0 for padding
+  idx: jax.Array    # (n,) int32 indices into the training set
+  key: jax.Array    # a PRNG key of this client and step, apart from the preprocessing's
+
+
+def batch_loop(update: Callable[[Any, Samples], tuple[Any, Any]], carry: Any,
+               preprocess: Preprocess, half_batches: bool, *, images: jax.Array,
+               labels: jax.Array | None, idx: jax.Array, mask: jax.Array, key: jax.Array
+               ) -> tuple[Any, Any]:
+  """The one loop over a client's batches that every pass shares: a `lax.scan`
+  over the S steps of idx/mask (S, B), each batch preprocessed with
+  fold_in(key, step) and cut to n = B or B / 2 positions (`filled_step`; an
+  all-padding step leaves carry unchanged and outputs zeros).
+
+  update(carry, Samples) -> (carry, out). Returns (carry, outs stacked over S).
+  labels None: a pass that reads none (Samples.y is None).
+  """
+  def step(carry, inputs):
+    s, batch_idx, w = inputs
+
+    def run(carry, n):
+      step_key = jax.random.fold_in(key, s)
+      x = preprocess(step_key, images[batch_idx])[:n]
+      y = None if labels is None else labels[batch_idx][:n]
+      return update(carry, Samples(x, y, w[:n], batch_idx[:n],
+                                   jax.random.fold_in(step_key, 1)))
+
+    return filled_step(w, carry, run, half_batches)
+
+  return jax.lax.scan(step, carry, (jnp.arange(idx.shape[0]), idx, mask))
+
+
 def local_train(model: FunctionalViT, forward_fn: ForwardFn, spec: LocalSpec,
                 preprocess: Preprocess, half_batches: bool = False, *, frozen: Flat, a: Flat,
                 b: Flat, head: Flat, images: jax.Array, labels: jax.Array, idx: jax.Array,
                 mask: jax.Array, key: jax.Array, class_mask: jax.Array, aux: Any = None,
-                ctx: Any = None) -> tuple[Flat, Flat, Flat, dict]:
-  """One client's local training: scan over S steps of batch B.
+                ctx: Any = None, state: Any = None) -> tuple[Flat, Flat, Flat, dict, Any]:
+  """One client's local training: `batch_loop` over S steps of batch B.
 
   images (N, H, W, C) uint8 and labels (N,) int32 are the whole training
   set; idx/mask (S, B) select this client's batches (front-filled, see
   `filled_step`). Steps whose mask is all zero leave parameters and optimizer
   state untouched. With spec.loss_term the loss is the masked cross-entropy +
-  loss_term(Batch(..., aux, ...)).
-  Returns (a, b, head, stats) with stats = {loss_sum, correct, seen, steps}.
+  loss_term(Batch(..., aux, ..., state)); spec.state_update advances the
+  client's state after every step.
+  Returns (a, b, head, stats, state) with stats = {loss_sum, correct, seen, steps}.
   """
   trainable, fixed = split_trainable(spec, a, b, head)
   opt = make_optimizer(spec)
   forward = bind_forward(forward_fn, model, frozen, ctx)
+  fetch = lambda k, i: (preprocess(k, images[i]), labels[i])
 
-  def loss_fn(trainable, x, y, w):
+  def loss_fn(trainable, state, smp):
     p = {**fixed, **trainable}
-    logits, feats = forward(p['a'], p['b'], p['head'], x)
-    loss, correct = masked_cross_entropy(logits, y, class_mask, w)
+    logits, feats = forward(p['a'], p['b'], p['head'], smp.x)
+    loss, correct = masked_cross_entropy(logits, smp.y, class_mask, smp.w)
     loss = loss if spec.cross_entropy else jnp.float32(0)
-    if spec.loss_term is None:
-      return loss, correct
-    batch = Batch(p, aux, x, y, w, logits, feats, class_mask, forward, ctx)
-    return loss + spec.loss_term(batch), correct
+    batch = Batch(p, aux, smp.x, smp.y, smp.w, logits, feats, class_mask, forward, ctx,
+                  state, smp.idx, smp.key, fetch)
+    if spec.loss_term is not None:
+      loss = loss + spec.loss_term(batch)
+    return loss, (correct, batch if spec.state_update is not None else None)
 
-  def step(carry, inputs):
-    s, batch_idx, w = inputs
+  def update(carry, smp):
+    params, opt_state, state = carry
+    (loss, (correct, batch)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, state, smp)
+    updates, opt_state = opt.update(grads, opt_state, params)
+    if spec.state_update is not None:
+      state = spec.state_update(state, batch)
+    return ((optax.apply_updates(params, updates), opt_state, state),
+            (loss * jnp.sum(smp.w), correct))
 
-    def update(carry, n):
-      params, opt_state = carry
-      x = preprocess(jax.random.fold_in(key, s), images[batch_idx])[:n]
-      y, wn = labels[batch_idx][:n], w[:n]
-      (loss, correct), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, y, wn)
-      updates, opt_state = opt.update(grads, opt_state, params)
-      return (optax.apply_updates(params, updates), opt_state), (loss * jnp.sum(wn), correct)
-
-    carry, (loss_sum, correct) = filled_step(w, carry, update, half_batches)
-    return carry, (loss_sum, correct, jnp.sum(w), jnp.sum(w) > 0)
-
-  steps = jnp.arange(idx.shape[0])
-  (trainable, _), (loss_sum, correct, seen, live) = jax.lax.scan(
-      step, (trainable, opt.init(trainable)), (steps, idx, mask))
+  (trainable, _, state), (loss_sum, correct) = batch_loop(
+      update, (trainable, opt.init(trainable), state), preprocess, half_batches,
+      images=images, labels=labels, idx=idx, mask=mask, key=key)
   p = {**fixed, **trainable}
   stats = {'loss_sum': jnp.sum(loss_sum), 'correct': jnp.sum(correct),
-           'seen': jnp.sum(seen), 'steps': jnp.sum(live)}
-  return p['a'], p['b'], p['head'], stats
+           'seen': jnp.sum(mask), 'steps': jnp.sum(jnp.any(mask > 0, axis=1))}
+  return p['a'], p['b'], p['head'], stats, state
 
 
 def bind_forward(forward_fn: ForwardFn, model: FunctionalViT, frozen: Flat, ctx: Any
@@ -139,21 +173,17 @@ def stats_pass(model: FunctionalViT, forward_fn: ForwardFn, preprocess: Preproce
   forward = bind_forward(forward_fn, model, frozen, ctx)
   params = {'a': a, 'b': b, 'head': head}
 
-  def one(s, batch_idx, w, n):
-    x = preprocess(jax.random.fold_in(key, s), images[batch_idx])[:n]
-    logits, feats = forward(a, b, head, x)
-    return stat_fn(Batch(params, aux, x, labels[batch_idx][:n], w[:n], logits, feats,
-                         class_mask, forward, ctx))
+  def one(smp):
+    logits, feats = forward(a, b, head, smp.x)
+    return stat_fn(Batch(params, aux, smp.x, smp.y, smp.w, logits, feats, class_mask,
+                         forward, ctx))
 
-  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                       jax.eval_shape(lambda *a: one(*a, idx.shape[1]), 0, idx[0], mask[0]))
-
-  def step(acc, inputs):
-    s, batch_idx, w = inputs
-    add = lambda acc, n: (jax.tree.map(jnp.add, acc, one(s, batch_idx, w, n)), None)
-    return filled_step(w, acc, add, half_batches)
-
-  return jax.lax.scan(step, zeros, (jnp.arange(idx.shape[0]), idx, mask))[0]
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
+      lambda k: one(Samples(preprocess(k, images[idx[0]]), labels[idx[0]], mask[0], idx[0], k)),
+      key))
+  add = lambda acc, smp: (jax.tree.map(jnp.add, acc, one(smp)), None)
+  return batch_loop(add, zeros, preprocess, half_batches, images=images, labels=labels,
+                    idx=idx, mask=mask, key=key)[0]
 
 
 def gram_pass(model: FunctionalViT, preprocess: Preprocess, gram_mode: str | None,
@@ -175,21 +205,14 @@ def gram_pass(model: FunctionalViT, preprocess: Preprocess, gram_mode: str | Non
   init = ({k: zeros_for(k) for k in a} if gram_mode else {},
           jnp.zeros((d, d), jnp.float32) if head_gram else None)
 
-  def step(carry, inputs):
-    s, batch_idx, w = inputs
+  def accumulate(carry, smp):
+    acc, hacc = carry
+    _, g, hg = model.apply(frozen, a, b, head, smp.x, gram_mode=gram_mode, head_gram=head_gram,
+                           sample_weights=smp.w, features_only=not head_gram)
+    return ({k: acc[k] + g[k] for k in acc}, (hacc + hg if head_gram else None)), None
 
-    def accumulate(carry, n):
-      acc, hacc = carry
-      x = preprocess(jax.random.fold_in(key, s), images[batch_idx])[:n]
-      _, g, hg = model.apply(frozen, a, b, head, x, gram_mode=gram_mode, head_gram=head_gram,
-                             sample_weights=w[:n], features_only=not head_gram)
-      return ({k: acc[k] + g[k] for k in acc}, (hacc + hg if head_gram else None)), None
-
-    return filled_step(w, carry, accumulate, half_batches)
-
-  steps = jnp.arange(idx.shape[0])
-  (acc, hacc), _ = jax.lax.scan(step, init, (steps, idx, mask))
-  return acc, hacc
+  return batch_loop(accumulate, init, preprocess, half_batches, images=images, labels=None,
+                    idx=idx, mask=mask, key=key)[0]
 
 
 def predict(model: FunctionalViT, forward_fn: ForwardFn, preprocess: Preprocess, *,

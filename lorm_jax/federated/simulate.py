@@ -56,9 +56,6 @@ class Passes:
     # clients compute padded steps, so they pad only to the pass's largest client.
     self._max_client = max(len(ix) for clients in exp.split for ix in clients)
     self._fixed_steps = runner.sequential
-    # Set by experiments.replay_round: local training draws the shuffles of
-    # this round index instead of its own (None: its own).
-    self.redraw_round: int | None = None
     # The chunk and evaluation batch chosen for the run (None: not sized).
     self.sizing = sizing_decision
 
@@ -80,18 +77,23 @@ class Passes:
 
   def training_plan(self, task: int, rnd: int, ids: np.ndarray) -> tuple[dict, np.ndarray]:
     """The local training's plan: `local_epochs` shuffled passes per client."""
-    rnd = rnd if self.redraw_round is None else self.redraw_round
     return self.plan('shuffle', task, rnd, ids, self.exp.config.local_epochs)
 
-  def train(self, spec: interface.LocalSpec, frozen: F.Flat, server: dict, plan: tuple,
-            class_mask: jax.Array, aux, ctx):
+  def train(self, rplan: interface.RoundPlan, frozen: F.Flat, server: dict, plan: tuple,
+            class_mask: jax.Array):
+    """Local training of the plan's clients from the server's a, b, head (or
+    the round plan's per-client values) -> (a, b, head, stats, state), each
+    with a leading client axis."""
     exp, runner = self.exp, self.runner
-    fn = runner.bind(client.local_train, exp.model, exp.method.forward, spec,
+    fn = runner.bind(client.local_train, exp.model, exp.method.forward, rplan.spec,
                      exp.preprocess_train, runner.half_batches)
-    shared = dict(frozen=frozen, a=server['a'], b=server['b'], head=server['head'],
-                  images=exp.train_images, labels=exp.train_labels, class_mask=class_mask,
-                  aux=aux, ctx=ctx)
-    return runner.map_clients(fn, shared, plan[0], work=plan[1])
+    shared = dict(frozen=frozen, images=exp.train_images, labels=exp.train_labels,
+                  class_mask=class_mask, aux=rplan.aux, ctx=rplan.ctx)
+    shared.update({k: server[k] for k in ('a', 'b', 'head') if k not in rplan.client_params})
+    per_client = {**plan[0], **rplan.client_params}
+    if rplan.client_state is not None:
+      per_client['state'] = rplan.client_state
+    return runner.map_clients(fn, shared, per_client, work=plan[1])
 
   def grams(self, request: GramRequest, frozen: F.Flat, params: dict, plan: tuple,
             per_client: bool):
@@ -124,16 +126,20 @@ class Passes:
     return runner.map_clients(fn, shared, {'idx': idx[:, None]})[:, 0]
 
 
-def comm_bytes_per_client(server: dict, spec: interface.LocalSpec, request: GramRequest | None,
-                          model: F.FunctionalViT) -> tuple[int, int]:
+def comm_bytes_per_client(server: dict, rplan: interface.RoundPlan, model: F.FunctionalViT
+                          ) -> tuple[int, int]:
   """(upload, download) bytes of one client in one round, float32.
 
-  Download: the server's a, b and head. Upload: the trained factor(s), the
-  head, and the requested Grams (diagonals or full) and head Gram.
+  Download: the server's a, b and head (those the plan hands out per client
+  instead count as the client's own, `_round_record`). Upload: the trained
+  factor(s) but those the plan keeps on the client, the head, and the
+  requested Grams (diagonals or full) and head Gram.
   """
-  down = F.tree_size_bytes({'a': server['a'], 'b': server['b'], 'head': server['head']})
-  up = F.tree_size_bytes([server[f] for f in spec.factors])
-  up += F.tree_size_bytes(server['head']) if spec.train_head else 0
+  own = set(rplan.client_params)
+  down = F.tree_size_bytes({k: server[k] for k in ('a', 'b', 'head') if k not in own})
+  up = F.tree_size_bytes([server[f] for f in rplan.spec.factors if f not in rplan.kept_local])
+  up += F.tree_size_bytes(server['head']) if rplan.spec.train_head else 0
+  request = rplan.gram
   if request is not None:
     if request.backbone is not None:
       up += sum(4 * (a.shape[0] if request.backbone == 'diag' else a.shape[0] ** 2)
@@ -313,7 +319,8 @@ def _run(config: ConfigDict, workdir: str, lock: checkpointing.WorkdirLock | Non
     meta.acc_matrix.append(row)
     meta.acc_after_task.append(acc)
     log.write({'kind': 'eval', 'task': t, 'accuracy': acc, 'per_task_accuracy': row[:t + 1],
-               'seconds_end_task': round(time.time() - t0, 3)})
+               'seconds_end_task': round(time.time() - t0, 3),
+               **{k: float(v) for k, v in method.task_record(server, t).items()}})
     say(f'[{method.name}] after task {t + 1}/{num_tasks}: accuracy on seen classes '
         f'{100 * acc:.2f}%')
     meta.task, meta.round, meta.task_begun = t + 1, 0, False
@@ -330,90 +337,104 @@ def _run(config: ConfigDict, workdir: str, lock: checkpointing.WorkdirLock | Non
   return results
 
 
-def federated_round(exp: Experiment, passes: Passes, server: dict, t: int, r: int
-                    ) -> tuple[dict, dict]:
-  """One round of task t: the participants train from the server state, run the
-  method's Gram and statistics passes, and the server aggregates.
+def federated_round(exp: Experiment, passes: Passes, server: dict, t: int, r: int,
+                    shuffle_round: int | None = None) -> tuple[dict, dict]:
+  """One round of task t: the participants train from the server state as the
+  method's `round_plan` says, run its Gram and statistics passes, and the
+  server aggregates.
 
-  Returns the new server state and the round's metrics record (the record's
-  '_steps' is for the progress bar). Raises DivergenceError, before anything
-  is saved, on a non-finite loss, Gram or merged state.
+  shuffle_round: the round index whose shuffles local training draws (None:
+  r itself; `experiments.replay_round` redraws them). Returns the new server
+  state and the round's metrics record (the record's '_steps' is for the
+  progress bar). Raises DivergenceError, before anything is saved, on a
+  non-finite loss, Gram or merged state.
   """
-  c, method = exp.config, exp.method
-  timer = _Timer()
+  method, timer = exp.method, _Timer()
   class_mask = jnp.asarray(np.isin(np.arange(exp.num_classes), exp.task_classes[t]))
   sizes, ids = _participants(exp, t, r)
+  rplan = method.round_plan(server, t, r, ids)
 
   with timer('train'):
-    spec = method.local_spec(t, r)
-    deltas = method.train_deltas(server, t)
-    frozen_train = add_deltas(exp.params.frozen, deltas)
-    aux, ctx = method.train_aux(server, t), method.forward_ctx(server, t)
-    a_c, b_c, head_c, stats = jax.block_until_ready(passes.train(
-        spec, frozen_train, server, passes.training_plan(t, r, ids),
-        class_mask, aux, ctx))
+    frozen_train = add_deltas(exp.params.frozen, rplan.train_deltas)
+    train_plan = passes.training_plan(t, r if shuffle_round is None else shuffle_round, ids)
+    a_c, b_c, head_c, stats, state = jax.block_until_ready(
+        passes.train(rplan, frozen_train, server, train_plan, class_mask))
   stats = passes.runner.host(stats)
   _check_finite('training loss', stats['loss_sum'], t, r, clients=ids)
+  trained = {'a': a_c, 'b': b_c, 'head': head_c}
 
-  request, grams, head_grams = method.gram_request(t, r), {}, None
+  grams, head_grams = {}, None
   with timer('gram'):
-    if request is not None:
-      gdeltas, params = method.gram_inputs(server, t, {'a': a_c, 'b': b_c, 'head': head_c})
+    if rplan.gram is not None:
       grams, head_grams = jax.block_until_ready(passes.grams(
-          request, add_deltas(exp.params.frozen, gdeltas), params,
-          passes.plan('gram', t, r, ids, 1), per_client=True))
+          rplan.gram, add_deltas(exp.params.frozen, rplan.gram_deltas),
+          rplan.gram_params(trained), passes.plan('gram', t, r, ids, 1), per_client=True))
   _check_finite('Gram', passes.runner.host((grams, head_grams)), t, r, clients=ids)
 
-  stat_fn, client_stats = method.stats_request(t, r), None
+  client_stats = None
   with timer('stats'):
-    if stat_fn is not None:
+    if rplan.stats is not None:
       client_stats = jax.block_until_ready(passes.stats(
-          stat_fn, frozen_train, {'a': a_c, 'b': b_c, 'head': head_c},
-          passes.plan('stats', t, r, ids, 1), class_mask, aux, ctx))
+          rplan.stats, frozen_train, trained, passes.plan('stats', t, r, ids, 1), class_mask,
+          rplan.aux, rplan.ctx))
 
   with timer('merge'):
-    weights = passes.runner.replicate(jnp.asarray(np.array([sizes[i] for i in ids], np.float32)))
-    results = ClientResults(a_c, b_c, head_c, grams, head_grams, weights, client_stats)
+    rep = lambda x: passes.runner.replicate(jnp.asarray(x))
+    results = ClientResults(a_c, b_c, head_c, grams, head_grams,
+                            rep(np.array([sizes[i] for i in ids], np.float32)), client_stats,
+                            client_ids=rep(np.asarray(ids, np.int32)), state=state)
     server, info = method.aggregate(server, results, t, r)
     server = jax.block_until_ready(passes.runner.replicate(server))
   _check_finite('merged server state', passes.runner.host(server), t, r)
+  return server, _round_record(exp, t, r, ids, rplan, server, stats, client_stats, info, timer)
 
-  up, down = comm_bytes_per_client(server, spec, request, exp.model)
-  down += F.tree_size_bytes((deltas, aux, ctx))  # what clients need besides a, b, head
+
+def _round_record(exp: Experiment, t: int, r: int, ids: np.ndarray, rplan: interface.RoundPlan,
+                  server: dict, stats: dict, client_stats: Any, info: dict, timer: '_Timer'
+                  ) -> dict:
+  """The round's metrics line: losses, bytes per client, seconds per phase, memory."""
+  up, down = comm_bytes_per_client(server, rplan, exp.model)
+  # what clients need besides a, b, head (their own values kept by the
+  # clients themselves are not sent); what they upload besides their factors
+  down += F.tree_size_bytes((rplan.train_deltas, rplan.aux, rplan.ctx))
+  down += F.tree_size_bytes(jax.tree.map(lambda x: x[0], {
+      k: v for k, v in rplan.client_params.items() if k not in rplan.kept_local}))
   up += F.tree_size_bytes(jax.tree.map(lambda x: x[0], client_stats))
   seen = float(jnp.sum(stats['seen']))
-  record = {'kind': 'round', 'task': t, 'round': r, 'factors': ''.join(spec.factors),
-            'clients': [int(i) for i in ids],
-            'train_loss': float(jnp.sum(stats['loss_sum'])) / max(seen, 1.0),
-            'train_accuracy': float(jnp.sum(stats['correct'])) / max(seen, 1.0),
-            'upload_bytes_per_client': up, 'download_bytes_per_client': down,
-            'merge_fallbacks': int(info.get('merge_fallbacks', 0)),
-            'seconds_train': round(timer['train'], 3),
-            'train_gflops': round(seen * metrics.vit_train_flops(exp.model.cfg)
-                                  / max(timer['train'], 1e-9) / 1e9, 1),
-            'seconds_gram': round(timer['gram'], 3), 'seconds_stats': round(timer['stats'], 3),
-            'seconds_merge': round(timer['merge'], 4),
-            'seconds_round': round(timer.total(), 3), **metrics.memory_record(),
-            '_steps': int(jnp.sum(stats['steps']))}
-  return server, record
+  return {'kind': 'round', 'task': t, 'round': r, 'factors': ''.join(rplan.spec.factors),
+          'clients': [int(i) for i in ids],
+          'train_loss': float(jnp.sum(stats['loss_sum'])) / max(seen, 1.0),
+          'train_accuracy': float(jnp.sum(stats['correct'])) / max(seen, 1.0),
+          'upload_bytes_per_client': up, 'download_bytes_per_client': down,
+          'merge_fallbacks': int(info.get('merge_fallbacks', 0)),
+          'seconds_train': round(timer['train'], 3),
+          'train_gflops': round(seen * metrics.vit_train_flops(exp.model.cfg)
+                                / max(timer['train'], 1e-9) / 1e9, 1),
+          'seconds_gram': round(timer['gram'], 3), 'seconds_stats': round(timer['stats'], 3),
+          'seconds_merge': round(timer['merge'], 4),
+          'seconds_round': round(timer.total(), 3), **metrics.memory_record(),
+          '_steps': int(jnp.sum(stats['steps']))}
 
 
 def finish_task(exp: Experiment, passes: Passes, server: dict, t: int) -> tuple[dict, int]:
   """After the last round of task t: the method's end-of-task Gram pass (by the
-  last round's participants, with the server's factors) and its cross-task
-  merge. Returns the new server state and the bytes the clients uploaded."""
+  last round's participants, with the server's factors), its cross-task
+  merge and its server-side work (`after_task`). Returns the new server state
+  and the bytes the clients uploaded."""
   c, method = exp.config, exp.method
-  request, task_grams, upload = method.end_task_gram_request(), None, 0
-  if request is not None:
+  plan, task_grams, upload = method.task_end_plan(server, t), None, 0
+  if plan is not None:
     _, ids = _participants(exp, t, c.rounds - 1)
-    gdeltas, params = method.gram_inputs(
-        server, t, {'a': server['a'], 'b': server['b'], 'head': server['head']})
-    per_client, _ = passes.grams(request, add_deltas(exp.params.frozen, gdeltas), params,
-                                 passes.plan('task_gram', t, 0, ids, 1), per_client=False)
+    per_client, _ = passes.grams(plan.gram, add_deltas(exp.params.frozen, plan.deltas),
+                                 plan.params, passes.plan('task_gram', t, 0, ids, 1),
+                                 per_client=False)
     task_grams = jax.tree.map(lambda x: jnp.sum(x, axis=0), per_client)
     upload = len(ids) * F.tree_size_bytes(jax.tree.map(lambda x: x[0], per_client))
   _check_finite('end-of-task Gram', passes.runner.host(task_grams), t, c.rounds - 1)
-  server = passes.runner.replicate(method.end_task(server, t, task_grams))
+  server = method.end_task(server, t, task_grams)
+  backbone = interface.ServerBackbone(exp.model, exp.params.frozen, exp.preprocess_train)
+  server = passes.runner.replicate(
+      method.after_task(server, t, backbone, rng.key(c.seed, 'after_task', t)))
   _check_finite('cross-task merge', passes.runner.host(server), t, c.rounds - 1)
   return server, upload
 

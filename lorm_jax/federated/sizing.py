@@ -62,6 +62,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from lorm_jax import methods, rng
+from lorm_jax.methods import interface
 from lorm_jax.data import registry, tfds_source
 from lorm_jax.errors import ConfigError
 from lorm_jax.federated import batching, client, setup
@@ -401,77 +402,110 @@ def run_shapes(c: ConfigDict, data: DataShapes | None = None) -> Shapes:
                 clients_per_round(c, method), *setup.preprocessors(c))
 
 
+_PLAN_ARRAYS = ('train_deltas', 'aux', 'ctx', 'client_params', 'client_state', 'gram_deltas')
+
+
+def abstract_round_plan(method: methods.Method, server: Any, t: int, r: int, clients: int
+                        ) -> interface.RoundPlan:
+  """`method.round_plan` of round r of task t with `clients` participants on an
+  abstract server state: its static parts (spec, Gram request, statistic) as
+  the method gives them, its arrays as jax.ShapeDtypeStruct. gram_params is
+  left out (the identity): the Gram pass's factors keep the clients' shapes."""
+  static = {}
+
+  def arrays(sv):
+    plan = method.round_plan(sv, t, r, np.arange(clients))
+    static['plan'] = plan
+    return {f: getattr(plan, f) for f in _PLAN_ARRAYS}
+
+  shapes = _abstract(jax.eval_shape(arrays, server))
+  return dataclasses.replace(static['plan'], **shapes, gram_params=interface.RoundPlan.gram_params)
+
+
+def _rows(tree: Any) -> Any:
+  """A per-participant tree's one row: the leading axis dropped."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(tuple(x.shape[1:]), x.dtype), tree)
+
+
+def round_passes(s: Shapes, runner: ClientRunner, plan: interface.RoundPlan, data: dict
+                 ) -> list[tuple[str, Callable, dict, int, dict]]:
+  """The per-client programs of a round as the loop runs them: (name, the
+  pass's fn, shared arguments, epochs, one client's own arguments besides its
+  batch plan). data: abstract {'images', 'labels', 'class_mask'}."""
+  c, method, frozen = s.config, s.method, s.params.frozen
+  lora = {f: s.server[f] for f in ('a', 'b', 'head')}
+  own = _rows(plan.client_params)
+  if plan.client_state is not None:
+    own['state'] = _rows(plan.client_state)
+  train = runner.bind(client.local_train, s.model, method.forward, plan.spec,
+                      s.preprocess_train, runner.half_batches)
+  shared = dict(frozen=frozen, **data, aux=plan.aux, ctx=plan.ctx,
+                **{k: v for k, v in lora.items() if k not in plan.client_params})
+  out = [('train_' + ''.join(plan.spec.factors) if plan.spec.factors else 'train', train,
+          shared, c.local_epochs, own)]
+  if plan.gram is not None:
+    fn = runner.bind(client.gram_pass, s.model, s.preprocess_train, plan.gram.backbone,
+                     plan.gram.head, runner.half_batches)
+    out.append(('gram', fn, dict(frozen=frozen, images=data['images']), 1, lora))
+  if plan.stats is not None:
+    fn = runner.bind(client.stats_pass, s.model, method.forward, s.preprocess_train,
+                     plan.stats, runner.half_batches)
+    out.append(('stats', fn, dict(frozen=frozen, aux=plan.aux, ctx=plan.ctx, **data), 1, lora))
+  return out
+
+
 def probes(s: Shapes, counts: tuple[int, ...], eval_batches: tuple[int, ...] = (),
            mode: str | None = None) -> list[Probe]:
   """The run's per-client programs, one Probe per distinct program and count:
   local training of every distinct round kind of the first two tasks'
   first two rounds (LoRM: the B- and the A-round), the Gram pass and a
   method's statistics pass after each, and prediction at each eval batch."""
-  c, method = s.config, s.method
+  c = s.config
   runner = ClientRunner(mode or c.client_mode, max(counts, default=1),
                         devices=jax.local_devices()[:1])
-  n_train, image_shape = s.data.num_train, s.data.image_shape
-  images = jax.ShapeDtypeStruct((n_train,) + image_shape, jnp.uint8)
-  labels = jax.ShapeDtypeStruct((n_train,), jnp.int32)
-  test_images = jax.ShapeDtypeStruct((s.data.num_test,) + image_shape, jnp.uint8)
-  class_mask = jax.ShapeDtypeStruct((s.num_classes,), jnp.bool_)
+  data = {'images': jax.ShapeDtypeStruct((s.data.num_train,) + s.data.image_shape, jnp.uint8),
+          'labels': jax.ShapeDtypeStruct((s.data.num_train,), jnp.int32),
+          'class_mask': jax.ShapeDtypeStruct((s.num_classes,), jnp.bool_)}
   # A client's share of a task, batched: the steps barely matter (a scan).
-  per_client = math.ceil(n_train / max(1, c.num_tasks) / max(1, s.clients))
+  per_client = math.ceil(s.data.num_train / max(1, c.num_tasks) / max(1, s.clients))
   steps = batching.steps_per_epoch(max(1, per_client), c.batch_size)
-  frozen, server = s.params.frozen, s.server
-  lora = {f: server[f] for f in ('a', 'b', 'head')}
-
-  def plan(n, epochs):
-    keys = jax.eval_shape(lambda: rng.client_keys(jax.random.key(0), n))
-    return {'idx': jax.ShapeDtypeStruct((n, steps * epochs, c.batch_size), jnp.int32),
-            'mask': jax.ShapeDtypeStruct((n, steps * epochs, c.batch_size), jnp.float32),
-            'key': keys}
-
   found: dict[Any, str] = {}
   out = []
   tasks = sorted({0, min(1, c.num_tasks - 1)})
   rounds = sorted({0, min(1, c.rounds - 1)})
-  for t in (tasks if counts else ()):
-    aux = _abstract(jax.eval_shape(lambda sv: method.train_aux(sv, t), server))
-    ctx = _abstract(jax.eval_shape(lambda sv: method.forward_ctx(sv, t), server))
-    for r in rounds:
-      spec = method.local_spec(t, r)
-      train_fn = runner.bind(client.local_train, s.model, method.forward, spec,
-                             s.preprocess_train, runner.half_batches)
-      shared = dict(frozen=frozen, **lora, images=images, labels=labels,
-                    class_mask=class_mask, aux=aux, ctx=ctx)
-      name = 'train_' + ''.join(spec.factors) if spec.factors else 'train'
-      programs = [(name, train_fn, shared, c.local_epochs, {})]
-      request = method.gram_request(t, r)
-      if request is not None:
-        fn = runner.bind(client.gram_pass, s.model, s.preprocess_train, request.backbone,
-                         request.head, runner.half_batches)
-        programs.append(('gram', fn, dict(frozen=frozen, images=images), 1, lora))
-      stat_fn = method.stats_request(t, r)
-      if stat_fn is not None:
-        fn = runner.bind(client.stats_pass, s.model, method.forward, s.preprocess_train,
-                         stat_fn, runner.half_batches)
-        programs.append(('stats', fn, dict(frozen=frozen, aux=aux, ctx=ctx, images=images,
-                                           labels=labels, class_mask=class_mask), 1, lora))
-      for name, fn, shared_args, epochs, own in programs:
-        signature = (fn, jax.tree.structure(shared_args), str(jax.tree.leaves(shared_args)))
-        if signature in found:
-          continue
-        found[signature] = name = _unique(name, found.values())
-        for n in counts:
-          clients = {**plan(n, epochs), **_stacked(own, n)}
-          out.append(Probe(name, n, runner._call, (fn, shared_args, clients),  # pylint: disable=protected-access
-                           _tree_bytes({k: v for k, v in shared_args.items()
-                                        if k in ('images', 'labels')})))
-  if eval_batches:
-    ctx = _abstract(jax.eval_shape(lambda sv: method.forward_ctx(sv, tasks[-1]), server))
-    fn = runner.bind(client.predict, s.model, method.forward, s.preprocess_test)
-    shared = dict(frozen=frozen, **lora, ctx=ctx, images=test_images)
-    for b in eval_batches:
-      clients = {'idx': jax.ShapeDtypeStruct((1, 1, b), jnp.int32)}
-      out.append(Probe('predict', b, runner._call, (fn, shared, clients),  # pylint: disable=protected-access
-                       _tree_bytes(test_images)))
-  return out
+  for t, r in ((t, r) for t in (tasks if counts else ()) for r in rounds):
+    plan = abstract_round_plan(s.method, s.server, t, r, max(counts))
+    for name, fn, shared, epochs, own in round_passes(s, runner, plan, data):
+      signature = (fn, jax.tree.structure(shared), str(jax.tree.leaves(shared)))
+      if signature in found:
+        continue
+      found[signature] = name = _unique(name, found.values())
+      resident = _tree_bytes({k: v for k, v in shared.items() if k in ('images', 'labels')})
+      for n in counts:
+        clients = {**batch_plan(n, steps * epochs, c.batch_size), **_stacked(own, n)}
+        out.append(Probe(name, n, runner._call, (fn, shared, clients), resident))  # pylint: disable=protected-access
+  return out + _predict_probes(s, runner, eval_batches, tasks[-1])
+
+
+def batch_plan(clients: int, steps: int, batch_size: int) -> dict:
+  """An abstract per-client batch plan {'idx', 'mask' (C, S, B), 'key' (C,)}."""
+  keys = jax.eval_shape(lambda: rng.client_keys(jax.random.key(0), clients))
+  return {'idx': jax.ShapeDtypeStruct((clients, steps, batch_size), jnp.int32),
+          'mask': jax.ShapeDtypeStruct((clients, steps, batch_size), jnp.float32), 'key': keys}
+
+
+def _predict_probes(s: Shapes, runner: ClientRunner, eval_batches: tuple[int, ...], t: int
+                    ) -> list[Probe]:
+  """Prediction over one batch of each size in eval_batches, task t's model."""
+  method = s.method
+  test_images = jax.ShapeDtypeStruct((s.data.num_test,) + s.data.image_shape, jnp.uint8)
+  ctx = _abstract(jax.eval_shape(lambda sv: method.forward_ctx(sv, t), s.server))
+  fn = runner.bind(client.predict, s.model, method.forward, s.preprocess_test)
+  shared = dict(frozen=s.params.frozen, **{f: s.server[f] for f in ('a', 'b', 'head')},
+                ctx=ctx, images=test_images)
+  return [Probe('predict', b, runner._call,  # pylint: disable=protected-access
+                (fn, shared, {'idx': jax.ShapeDtypeStruct((1, 1, b), jnp.int32)}),
+                _tree_bytes(test_images)) for b in eval_batches]
 
 
 def _unique(name: str, taken: Any) -> str:
@@ -601,45 +635,70 @@ def size_run(c: ConfigDict, *, limit: str | int | None = None, margin: float = D
   counts = () if not auto_chunk else (per_device,) if sequential else (1, per_device)
   evals = (8, EVAL_BATCH_MAX) if auto_eval else ()
   t0 = time.time()
-  figures: dict[str, dict[int, dict]] = {}
-  data_args: dict[str, int] = {}
-  for p in probes(s, tuple(sorted(set(counts))), evals):
-    pb = compile_fn(p)
-    pb = pb if isinstance(pb, dict) else program_bytes(pb)
-    if pb is None:   # the backend reports nothing: no automatic sizing
-      d.compile_seconds = time.time() - t0
-      return d
-    figures.setdefault(p.name, {})[p.count] = pb
-    data_args[p.name] = p.data_arguments
+  probed = _probe_figures(s, tuple(sorted(set(counts))), evals, compile_fn)
   d.compile_seconds = time.time() - t0
+  if probed is None:   # the backend reports nothing: no automatic sizing
+    return d
+  figures, data_args = probed
   eval_figs = figures.pop('predict', None)
   d.passes = fit_passes(figures, data_args)
-  gib = human
-  why = (f'{gib(lim)} limit from {source}, less {100 * margin:.0f}% margin; resident data, '
-         f'backbone and server state {gib(resident)}')
+  why = (f'{human(lim)} limit from {source}, less {100 * margin:.0f}% margin; resident data, '
+         f'backbone and server state {human(resident)}')
   if auto_chunk:
-    if sequential:
-      chosen = per_device * n_dev
-      if need_bytes(d.passes, resident, per_device, per_device) > budget:
-        chosen = 0
-    else:
-      chosen = choose_clients_per_chunk(lim, d.passes, clients=clients, resident=resident,
-                                        devices=n_dev, margin=margin)
-    if chosen == 0:
-      one = need_bytes(d.passes, resident, per_device, 1 if not sequential else per_device)
-      raise ConfigError(
-          f'{"one client does" if not sequential else f"the {per_device} clients of a round do"}'
-          f' not fit in device memory: {gib(one)} needed, {gib(budget)} usable ({why}); lower '
-          f'batch_size, image_size or model.rank, use model.dtype=bfloat16'
-          + (', client_mode=vmap' if sequential else '') + ' or a larger device')
-    d.chosen_chunk = chosen
-    d.clients_per_chunk = 0 if chosen >= per_device * n_dev else chosen
+    _choose_chunk(d, sequential, per_device, resident, budget, why)
   if eval_figs:
-    test_bytes = s.data.num_test * int(np.prod(s.data.image_shape))
-    d.eval_line = fit_line({b: footprint(pb, test_bytes) for b, pb in eval_figs.items()})
-    d.eval_batch_size = choose_eval_batch(lim, d.eval_line, resident=resident, margin=margin)
-    if d.eval_batch_size == 0:
-      raise ConfigError(f'one evaluation image does not fit in device memory: '
-                        f'{gib(resident + d.eval_line.at(1))} needed, {gib(budget)} usable '
-                        f'({why}); lower image_size or use a larger device')
+    _choose_eval(d, s, eval_figs, resident, budget, why)
   return d
+
+
+def _probe_figures(s: Shapes, counts: tuple[int, ...], evals: tuple[int, ...],
+                   compile_fn: Callable[[Probe], Any]
+                   ) -> tuple[dict[str, dict[int, dict]], dict[str, int]] | None:
+  """({pass: {count: program bytes}}, {pass: resident data argument bytes})
+  of the run's probes as compile_fn compiles them; None when the backend
+  reports no memory figures."""
+  figures: dict[str, dict[int, dict]] = {}
+  data_args: dict[str, int] = {}
+  for p in probes(s, counts, evals):
+    pb = compile_fn(p)
+    pb = pb if isinstance(pb, dict) else program_bytes(pb)
+    if pb is None:
+      return None
+    figures.setdefault(p.name, {})[p.count] = pb
+    data_args[p.name] = p.data_arguments
+  return figures, data_args
+
+
+def _choose_chunk(d: Decision, sequential: bool, per_device: int, resident: float,
+                  budget: float, why: str) -> None:
+  """Sets d's chunk from its fitted passes; ConfigError when none fits."""
+  n_dev = d.devices
+  if sequential:
+    chosen = per_device * n_dev
+    if need_bytes(d.passes, resident, per_device, per_device) > budget:
+      chosen = 0
+  else:
+    chosen = choose_clients_per_chunk(d.limit, d.passes, clients=d.clients, resident=resident,
+                                      devices=n_dev, margin=d.margin)
+  if chosen == 0:
+    one = need_bytes(d.passes, resident, per_device, 1 if not sequential else per_device)
+    raise ConfigError(
+        f'{"one client does" if not sequential else f"the {per_device} clients of a round do"}'
+        f' not fit in device memory: {human(one)} needed, {human(budget)} usable ({why}); lower '
+        f'batch_size, image_size or model.rank, use model.dtype=bfloat16'
+        + (', client_mode=vmap' if sequential else '') + ' or a larger device')
+  d.chosen_chunk = chosen
+  d.clients_per_chunk = 0 if chosen >= per_device * n_dev else chosen
+
+
+def _choose_eval(d: Decision, s: Shapes, eval_figs: dict[int, dict], resident: float,
+                 budget: float, why: str) -> None:
+  """Sets d's evaluation batch from the prediction probes; ConfigError when
+  not one image fits."""
+  test_bytes = s.data.num_test * int(np.prod(s.data.image_shape))
+  d.eval_line = fit_line({b: footprint(pb, test_bytes) for b, pb in eval_figs.items()})
+  d.eval_batch_size = choose_eval_batch(d.limit, d.eval_line, resident=resident, margin=d.margin)
+  if d.eval_batch_size == 0:
+    raise ConfigError(f'one evaluation image does not fit in device memory: '
+                      f'{human(resident + d.eval_line.at(1))} needed, {human(budget)} usable '
+                      f'({why}); lower image_size or use a larger device')

@@ -33,13 +33,16 @@ the rest.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, ClassVar
 
 import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from lorm_jax.methods.interface import (ClientResults, GramRequest, LocalSpec, Server, StatFn,
+from lorm_jax.methods import interface
+from lorm_jax.methods.interface import (ClientResults, GramRequest, LocalSpec, RoundPlan,
+                                        ServerBackbone, Server, StatFn, TaskEndPlan,
                                         linear_head_forward)
 from lorm_jax.models import functional as F
 
@@ -95,7 +98,46 @@ class Method:
   def end_task(self, server: Server, task: int, task_grams: F.Flat | None) -> Server:
     return server
 
+  def task_end_plan(self, server: Server, task: int) -> TaskEndPlan | None:
+    """The end-of-task Gram pass (`end_task_gram_request` through `gram_inputs`
+    with the server's factors), or None when the method asks for none."""
+    request = self.end_task_gram_request()
+    if request is None:
+      return None
+    deltas, params = self.gram_inputs(
+        server, task, {'a': server['a'], 'b': server['b'], 'head': server['head']})
+    return TaskEndPlan(request, deltas, params)
+
+  def after_task(self, server: Server, task: int, backbone: 'ServerBackbone',
+                 key: jax.Array) -> Server:
+    """Server-side work after `end_task` that needs the backbone itself (e.g.
+    TARGET's data-free synthesis and distillation); `backbone` gives the model,
+    its frozen weights and the training-time preprocessing. Default: nothing."""
+    return server
+
+  def task_record(self, server: Server, task: int) -> dict[str, float]:
+    """Scalars about the task's end (e.g. a synthesis's seconds and FLOPs) that
+    the loop adds to the task's 'eval' line of metrics.jsonl. Default none."""
+    return {}
+
   # -- rounds ---------------------------------------------------------------
+  def round_plan(self, server: Server, task: int, rnd: int, ids: np.ndarray) -> RoundPlan:
+    """Everything the loop needs from the method for round `rnd` of `task`
+    with participants `ids` (client indices into the task's split), asked
+    once per round. The default assembles it from the finer hooks below
+    (local_spec, train_deltas, train_aux, forward_ctx, gram_request,
+    gram_inputs, stats_request); a method with another phase overrides this.
+    """
+    request = self.gram_request(task, rnd)
+    gram_deltas, gram_params = {}, interface._same
+    if request is not None:
+      gram_deltas = self.gram_inputs(server, task, None)[0]
+      gram_params = functools.partial(_gram_params, self, server, task)
+    return RoundPlan(spec=self.local_spec(task, rnd), train_deltas=self.train_deltas(server, task),
+                     aux=self.train_aux(server, task), ctx=self.forward_ctx(server, task),
+                     gram=request, gram_deltas=gram_deltas, gram_params=gram_params,
+                     stats=self.stats_request(task, rnd))
+
   def local_spec(self, task: int, rnd: int) -> LocalSpec:
     raise NotImplementedError
 
@@ -116,6 +158,8 @@ class Method:
     training, or the server's at the task's end) runs through: (kernel deltas
     added to W0, the factors as the pass sees them), from `gram_model`."""
     deltas, b_scale = self.gram_model(server, task)
+    if params is None:
+      return deltas, None
     return deltas, {**params, 'b': jax.tree.map(lambda x: x * b_scale, params['b'])}
 
   def aggregate(self, server: Server, results: ClientResults, task: int, rnd: int
@@ -138,3 +182,7 @@ class Method:
   def eval_model(self, server: Server, task: int) -> tuple[F.Flat, F.Flat, F.Flat]:
     """(kernel deltas, a, b) of the evaluated model; default: W0 + a @ b."""
     return {}, server['a'], server['b']
+
+
+def _gram_params(method: Method, server: Server, task: int, params: dict) -> dict:
+  return method.gram_inputs(server, task, params)[1]

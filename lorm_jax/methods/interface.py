@@ -2,6 +2,8 @@
 
   ForwardFn      how a method turns images into (logits, features)
   LocalSpec      what clients train in a round (factors, learning rates, loss)
+  RoundPlan      the method's whole answer for one round (the loop asks once)
+  TaskEndPlan    the method's end-of-task Gram pass, if any
   Batch          what a loss term or statistic sees of one batch of one client
   LossTerm       a method's extra local loss over a Batch
   StatFn         a per-client statistic summed over a client's batches
@@ -56,6 +58,11 @@ class Batch(NamedTuple):
   forward: Callable      # (a, b, head, x) -> (logits, feats): the method's forward
                          # on the client's backbone (frozen and ctx bound)
   ctx: Any = None        # Method.forward_ctx(server, task), what `forward` reads
+  state: Any = None      # this client's RoundPlan.client_state (local training only)
+  idx: jax.Array | None = None   # (B,) int32 indices of the samples into the training set
+  key: jax.Array | None = None   # a PRNG key of this client and step (purpose 'shuffle')
+  fetch: Callable | None = None  # (key, idx (n,)) -> (x (n,H,W,C) preprocessed, y (n,)):
+                                 # training samples by index (e.g. a replay buffer's)
 
 
 # A method's extra local loss (a scalar added to the masked cross-entropy), and
@@ -75,9 +82,13 @@ class LocalSpec:
   reference: 'adamw' (decoupled weight decay) or 'adam' (no decay; a method
   that wants torch Adam's coupled L2 puts it in its loss term).
   loss_term: an optional extra loss (a module-level function, so the spec
-  stays hashable) added to the cross-entropy; its data is `aux`.
+  stays hashable) added to the cross-entropy; its data is `aux` (shared) and
+  `state` (the client's own, RoundPlan.client_state).
   cross_entropy: False drops the current-task cross-entropy from the loss
   (a loss term then supplies the whole objective).
+  state_update: (state, Batch) -> state, run after every non-empty training
+  step on the batch just trained (its logits from the parameters before the
+  step); the final state comes back in ClientResults.state.
   """
   factors: tuple[str, ...]
   lr_a: float
@@ -88,6 +99,7 @@ class LocalSpec:
   loss_term: LossTerm | None = None
   optimizer: str = 'adamw'
   cross_entropy: bool = True
+  state_update: Callable[[Any, 'Batch'], Any] | None = None
 
 
 class GramRequest(NamedTuple):
@@ -104,6 +116,68 @@ class ClientResults(NamedTuple):
   head_grams: jax.Array | None  # (C, D, D)
   num_samples: jax.Array        # (C,) float32, 0 for padded clients
   stats: Any = None             # stats_request's pytree, leaves (C, ...), or None
+  client_ids: jax.Array | None = None  # (C,) int32: which client each row is
+  state: Any = None             # RoundPlan.client_state after training, leaves (C, ...)
+
+
+def _same(params: dict) -> dict:
+  return params
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundPlan:
+  """Everything a method decides for one round of task t (`Method.round_plan`).
+
+  spec          what the participants train (LocalSpec)
+  train_deltas  {layer: (in, out)} added to W0 in the local-training forward
+  aux, ctx      pytrees every participant downloads: the loss term's and
+                statistic's data (aux) and what the method's forward reads (ctx)
+  client_params per-participant starting values for some of 'a', 'b', 'head'
+                (Flat dicts, leading axis = participants in `ids` order),
+                replacing the server's shared ones (e.g. FedSA-LoRA's own B)
+  client_state  per-participant pytree (leading axis = participants) that the
+                loss term reads as Batch.state and LocalSpec.state_update
+                advances (e.g. DER++'s buffer); None: no state
+  gram          the Grams clients collect after training, or None
+  gram_deltas   {layer: (in, out)} added to W0 in the Gram pass
+  gram_params   {'a', 'b', 'head'} of a client after training -> the factors
+                the Gram pass runs through (e.g. LoRM's b scaled)
+  stats         a per-client statistic summed over the client's data after
+                training, or None
+  kept_local    parameters ('a', 'b', 'head') the clients keep between rounds
+                and never send: neither downloaded nor uploaded in the byte
+                count (FedSA-LoRA's B; the simulation stores them server-side)
+  """
+  spec: LocalSpec
+  train_deltas: Flat = dataclasses.field(default_factory=dict)
+  aux: Any = dataclasses.field(default_factory=dict)
+  ctx: Any = dataclasses.field(default_factory=dict)
+  client_params: dict = dataclasses.field(default_factory=dict)
+  client_state: Any = None
+  gram: 'GramRequest | None' = None
+  gram_deltas: Flat = dataclasses.field(default_factory=dict)
+  gram_params: Callable[[dict], dict] = _same
+  stats: 'StatFn | None' = None
+  kept_local: tuple[str, ...] = ()
+
+
+class ServerBackbone(NamedTuple):
+  """What server-side work (`Method.after_task`) may compute with: the
+  model, its frozen weights (Flat, W0) and the training preprocessing
+  (key, uint8 (B,H,W,C)) -> float32 images."""
+  model: FunctionalViT
+  frozen: Flat
+  preprocess: Callable[[jax.Array, jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskEndPlan:
+  """A method's end-of-task Gram pass (`Method.task_end_plan`): the last
+  round's participants run `gram` through W0 + `deltas` and the server's
+  factors as `params` gives them ({'a', 'b', 'head'})."""
+  gram: 'GramRequest'
+  deltas: Flat
+  params: dict
 
 
 def masked_cross_entropy(logits: jax.Array, labels: jax.Array, class_mask: jax.Array,

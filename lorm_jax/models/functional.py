@@ -14,7 +14,7 @@ returns the logits plus the Grams sown by the layers, keyed like `a`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,22 +23,38 @@ from flax import nnx
 from lorm_jax.models import lora, vit
 
 Flat = dict[str, jax.Array]
-TRANSPOSED = '.kernel_t'  # key suffix of a compute view's transposed kernels
 
 
 def _key(path) -> str:
   return '.'.join(str(p) for p in path)
 
 
-# How a variable's path becomes its flat key, per state: the frozen backbone
-# keeps the full path, LoRA drops the leaf name ('lora_a'/'lora_b') so a and b
-# share layer keys, the head drops its module name.
-_KEY_FNS = (lambda p: _key(p), lambda p: _key(p[:-1]), lambda p: _key(p[:-1]),
-            lambda p: _key(p[1:]))
+# How a variable's path becomes its flat key, per part of the model.
+def _backbone_key(path) -> str:
+  """The full path: 'blocks.0.attn.qkv.kernel'."""
+  return _key(path)
 
 
-def _to_flat(state: nnx.State, which: int) -> Flat:
-  return {_KEY_FNS[which](path): var.get_value() for path, var in state.flat_state()}
+def _layer_key(path) -> str:
+  """The layer's path, the leaf name ('lora_a', 'lora_b', 'kernel_t') dropped,
+  so a, b and a compute view's transposed kernels share layer keys."""
+  return _key(path[:-1])
+
+
+def _head_key(path) -> str:
+  """The head's own names: 'kernel', 'bias'."""
+  return _key(path[1:])
+
+
+class _Part(NamedTuple):
+  """One separable part of the model: its variable type and key function."""
+  kind: type
+  key: Callable
+
+
+_PARTS = {'frozen': _Part(nnx.Param, _backbone_key), 'a': _Part(lora.LoraA, _layer_key),
+          'b': _Part(lora.LoraB, _layer_key), 'head': _Part(vit.HeadParam, _head_key)}
+_KERNEL_T = _Part(lora.KernelT, _layer_key)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,14 +66,53 @@ class Params:
   head: Flat
 
 
+class ComputeView(NamedTuple):
+  """The frozen backbone as a pass with a reduced compute dtype reads it
+  (`FunctionalViT.compute_view`): every adapted layer's kernel (in, out) cast
+  to the compute dtype in `frozen`, and its transpose (out, in) under the
+  layer's key in `kernels_t`, which the layer's `KernelT` slot receives."""
+  frozen: Flat
+  kernels_t: Flat
+
+
+class _Template(NamedTuple):
+  """A part's variables as the graph holds them: (path, Variable) pairs."""
+  part: _Part
+  variables: list
+
+
 class FunctionalViT:
-  """Holds the graph definition and state templates of a `vit.ViT`."""
+  """Holds the graph definitions and state templates of a `vit.ViT`: the
+  model as built, and its compute view (every LoRA layer's `kernel_t` slot
+  holding a KernelT) when the compute dtype is reduced."""
 
   def __init__(self, model: vit.ViT):
     self.cfg: vit.ViTConfig = model.cfg
-    self.graphdef, frozen, a, b, head = vit.split_model(model)
-    self._templates = [list(s.flat_state()) for s in (frozen, a, b, head)]
-    self._initial = Params(*(_to_flat(s, i) for i, s in enumerate((frozen, a, b, head))))
+    self.graphdef, *states = nnx.split(model, *(p.kind for p in _PARTS.values()))
+    self._templates = {name: _Template(part, list(nnx.to_flat_state(st)))
+                       for (name, part), st in zip(_PARTS.items(), states)}
+    self._initial = Params(**{name: self._flat(name, st) for name, st in zip(_PARTS, states)})
+    self._view = None
+    if jnp.dtype(self.cfg.dtype) != jnp.float32:
+      self._view = self._view_template(model)
+
+  def _flat(self, name: str, state: nnx.State) -> Flat:
+    key = self._templates[name].part.key
+    return {key(path): var.get_value() for path, var in nnx.to_flat_state(state)}
+
+  def _view_template(self, model: vit.ViT) -> tuple[Any, _Template]:
+    """(graph definition, KernelT template) of the model with every LoRA
+    layer's kernel_t slot filled (shapes only; the other parts' templates are
+    the model's own)."""
+    dt = jnp.dtype(self.cfg.dtype)
+    view = nnx.eval_shape(lambda: nnx.merge(self.graphdef, *(
+        nnx.from_flat_state(t.variables) for t in self._templates.values())))
+    for _, node in nnx.iter_graph(view):
+      if isinstance(node, lora.LoRALinear):
+        n_in, n_out = node.kernel.shape
+        node.kernel_t = lora.KernelT(jax.ShapeDtypeStruct((n_out, n_in), dt))
+    graphdef, *_, kernels_t = nnx.split(view, *(p.kind for p in _PARTS.values()), lora.KernelT)
+    return graphdef, _Template(_KERNEL_T, list(nnx.to_flat_state(kernels_t)))
 
   @property
   def layer_names(self) -> list[str]:
@@ -67,38 +122,40 @@ class FunctionalViT:
   def initial_params(self) -> Params:
     return self._initial
 
-  def _state(self, which: int, flat: Flat) -> nnx.State:
-    pairs = [(path, type(var)(flat[_KEY_FNS[which](path)]))
-             for path, var in self._templates[which]]
-    return nnx.State.from_flat_path(pairs)
+  @staticmethod
+  def _state(template: _Template, flat: Flat) -> nnx.State:
+    return nnx.from_flat_state([(path, type(var)(flat[template.part.key(path)]))
+                                for path, var in template.variables])
 
-  def module(self, frozen: Flat, a: Flat, b: Flat, head: Flat) -> vit.ViT:
-    """The ViT holding these parameters; a compute view's transposed kernels
-    (`compute_view`) are attached to their layers."""
-    states = [self._state(i, f) for i, f in enumerate((frozen, a, b, head))]
-    model = nnx.merge(self.graphdef, *states)
-    for path, node in nnx.iter_graph(model):
-      if isinstance(node, lora.LoRALinear) and _key(path) + TRANSPOSED in frozen:
-        node.kernel_t = lora.KernelT(frozen[_key(path) + TRANSPOSED])
-    return model
+  def module(self, frozen: Flat | ComputeView, a: Flat, b: Flat, head: Flat) -> vit.ViT:
+    """The ViT holding these parameters; with a ComputeView, the one whose LoRA
+    layers read their transposed kernels from it."""
+    t = self._templates
+    if isinstance(frozen, ComputeView):
+      graphdef, kt_template = self._view
+      return nnx.merge(graphdef, self._state(t['frozen'], frozen.frozen), self._state(t['a'], a),
+                       self._state(t['b'], b), self._state(t['head'], head),
+                       self._state(kt_template, frozen.kernels_t))
+    return nnx.merge(self.graphdef, self._state(t['frozen'], frozen), self._state(t['a'], a),
+                     self._state(t['b'], b), self._state(t['head'], head))
 
-  def compute_view(self, frozen: Flat) -> Flat:
+  def compute_view(self, frozen: Flat) -> Flat | ComputeView:
     """frozen as one pass computes with it: unchanged for a float32 model; with
-    a reduced compute dtype, every LoRA layer's kernel (in, out) cast to it and
-    its transpose (out, in) added under 'layer.kernel_t', so that both the
-    forward product and the backward one read a kernel in its natural layout.
-    Call it outside a pass's loop over steps (one cast per pass, not per step).
+    a reduced compute dtype, a ComputeView: every LoRA layer's kernel (in, out)
+    cast to it and its transpose (out, in) beside it, so that both the forward
+    product and the backward one read a kernel in its natural layout. Call it
+    outside a pass's loop over steps (one cast per pass, not per step).
     """
-    dt = jnp.dtype(self.cfg.dtype)
-    if dt == jnp.float32:
+    if self._view is None:
       return frozen
-    out = dict(frozen)
+    dt = jnp.dtype(self.cfg.dtype)
+    out, kernels_t = dict(frozen), {}
     for layer in self.layer_names:
       w = frozen[kernel_key(layer)].astype(dt)
-      out[kernel_key(layer)], out[layer + TRANSPOSED] = w, w.T
-    return out
+      out[kernel_key(layer)], kernels_t[layer] = w, w.T
+    return ComputeView(out, kernels_t)
 
-  def apply(self, frozen: Flat, a: Flat, b: Flat, head: Flat, images: jax.Array, *,
+  def apply(self, frozen: Flat | ComputeView, a: Flat, b: Flat, head: Flat, images: jax.Array, *,
             gram_mode: vit.GramMode = None, head_gram: bool = False,
             sample_weights: jax.Array | None = None, features_only: bool = False,
             prompting: vit.Prompting | None = None,
@@ -118,7 +175,7 @@ class FunctionalViT:
       out = model(images, gram_mode, head_gram, sample_weights)
     layer_grams, hgram = {}, None
     if gram_mode is not None or head_gram:
-      for path, var in nnx.pop(model, vit.GramStat).flat_state():
+      for path, var in nnx.to_flat_state(nnx.pop(model, vit.GramStat)):
         value = var.get_value()
         value = value[0] if isinstance(value, tuple) else value
         if path[0] == 'head':

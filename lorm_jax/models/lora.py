@@ -53,6 +53,9 @@ class LoRALinear(nnx.Module):
     self.lora_a = LoraA(jax.random.uniform(rngs.params(), (in_features, rank),
                                            minval=-bound, maxval=bound))
     self.lora_b = LoraB(jnp.zeros((rank, out_features)))
+    # The compute view's transposed kernel (out, in) in the compute dtype
+    # (`functional.FunctionalViT.compute_view`); None: derived from the kernel here.
+    self.kernel_t: KernelT | None = nnx.data(None)
     self.dtype = dtype
 
   def __call__(self, x: jax.Array, gram_mode: GramMode = None,
@@ -66,7 +69,7 @@ class LoRALinear(nnx.Module):
     if dt == jnp.float32:
       y = jnp.dot(x, w, preferred_element_type=jnp.float32)
     else:  # the transposed kernel of a compute view (already dt), else derived here (slower on CPU)
-      y = low_precision_dot(x, w, self.kernel_t[...] if hasattr(self, 'kernel_t') else w.T)
+      y = low_precision_dot(x, w, w.T if self.kernel_t is None else self.kernel_t[...])
     y = y + lora_product(x.astype(dt), self.lora_a[...].astype(dt), self.lora_b[...].astype(dt))
     return y + self.bias[...]
 
