@@ -7,12 +7,21 @@ Test files import the plain helpers with `from conftest import ...`
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
-from configs import smoke
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# One persistent XLA compilation cache for the session, shared with the
+# subprocesses tests start (they inherit the environment): the many runs of
+# the same smoke programs compile once. A cache hit loads the executable XLA
+# wrote for the same program and options, so no number changes.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='lorm_jax_xla_'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+
+from configs import smoke  # pylint: disable=wrong-import-position
 
 
 def smoke_config(**overrides):

@@ -111,6 +111,29 @@ def test_l2p_trains_prompts_but_not_keys(fm):
   assert 5 <= len(picked) <= 10
 
 
+def test_l2p_pool_sizes_are_hyperparameters(fm):
+  from lorm_jax.methods import METHODS
+  assert METHODS['l2p'].hyperparameters() == {'pool_size': 10, 'length': 5, 'top_k': 5}
+  m = make_method('l2p', _config(**{'l2p.pool_size': 6, 'l2p.length': 3, 'l2p.top_k': 2}))
+  p = fm.initial_params()
+  head = m.init_server(p, F.init_head(jax.random.key(0), D, 4), jax.random.key(1))['head']
+  assert head['l2p.prompts'].shape == (6, 3, D) and head['l2p.keys'].shape == (6, D)
+  x = _images()
+  _, feats = m.forward(fm, p.frozen, {}, {}, head, {}, x)
+  a0, b0 = F.full_lora(fm, {}, {})
+  q, _, _ = fm.apply(p.frozen, a0, b0, head, x, features_only=True)
+  tokens = PR.l2p_select(head['l2p.prompts'], head['l2p.keys'], q, 2)   # (B, 2 x 3, D)
+  pos = 0.02 * jax.random.normal(jax.random.key(PR._PROMPT_POS_KEY), (6, D))
+  want, _, _ = fm.apply(p.frozen, a0, b0, head, x, features_only=True,
+                        prompting=vit.Prompting(tokens, pos, None, 'cls_and_tokens'))
+  np.testing.assert_allclose(np.asarray(feats), np.asarray(want), rtol=1e-5, atol=1e-5)
+  # The static forward is equal (one jit cache entry) for equal hyperparameters only.
+  assert m.forward == make_method('l2p', m.config).forward
+  assert m.forward != make_method('l2p', _config()).forward
+  with pytest.raises(ValueError, match='l2p.top_k 11 is more than the 10 prompts'):
+    METHODS['l2p'].validate(_config(**{'l2p.top_k': 11}))
+
+
 # ---------------------------------------------------------------- CODA-P
 
 
@@ -157,6 +180,28 @@ def test_coda_p_trains_only_the_current_slice_and_ignores_later_ones(fm):
   later = {**head, 'coda.p': head['coda.p'].at[:, 60].set(5.0),
            'coda.k': head['coda.k'].at[:, 60].set(1.0), 'coda.a': head['coda.a'].at[:, 60].set(1.0)}
   np.testing.assert_array_equal(np.asarray(out(later)), np.asarray(out(head)))
+
+
+def test_coda_p_pool_sizes_are_hyperparameters(fm):
+  from lorm_jax.methods import METHODS
+  assert METHODS['coda_p'].hyperparameters() == {'pool_size': 100, 'length': 8, 'layers': 5}
+  m = make_method('coda_p', _config(**{'coda_p.pool_size': 10, 'coda_p.length': 4,
+                                       'coda_p.layers': 1}))
+  p = fm.initial_params()
+  server = m.init_server(p, F.init_head(jax.random.key(0), D, 4), jax.random.key(1))
+  head = server['head']
+  assert head['coda.p'].shape == (1, 10, 4, D) and head['coda.k'].shape == (1, 10, D)
+  server = m.begin_task(server, 1, jax.random.key(2))   # 2 tasks: components 5..9
+  k = np.abs(np.asarray(server['head']['coda.k'][0])).sum(1)
+  assert np.all(k[5:] > 0) and not np.any(k[:5])
+  ctx = m.forward_ctx(server, 1)
+  np.testing.assert_array_equal(np.asarray(ctx['train']), [0] * 5 + [1] * 5)
+  _, feats = m.forward(fm, p.frozen, {}, {}, server['head'], ctx, _images())
+  assert feats.shape == (3, D) and np.all(np.isfinite(np.asarray(feats)))
+  with pytest.raises(ValueError, match='coda_p.length must be even'):
+    METHODS['coda_p'].validate(_config(**{'coda_p.length': 5}))
+  with pytest.raises(ValueError, match='coda_p.pool_size 1 gives none of the 2 tasks'):
+    METHODS['coda_p'].validate(_config(**{'coda_p.pool_size': 1}))
 
 
 # ---------------------------------------------------------------- PILoRA

@@ -105,24 +105,41 @@ def dirichlet_split(
     return [np.zeros((0,), np.int64) for _ in range(num_clients)]
   alpha = np.full((num_clients,), float(beta))
   for _ in range(max_tries):
-    owner = []
-    for idx in per_class:
-      p = rng.dirichlet(alpha)
-      cdf = np.cumsum(p)
-      u = rng.random(idx.size) * cdf[-1]
-      owner.append(np.minimum(np.searchsorted(cdf, u, side="right"),
-                              num_clients - 1))
-    owner_all = np.concatenate(owner)
-    counts = np.bincount(owner_all, minlength=num_clients)
+    owner = _draw_owners(per_class, alpha, rng)
+    counts = np.bincount(owner, minlength=num_clients)
     if counts.min() >= min_samples:
-      # Group by owner, indices ascending within a client: O(N log N) for any K.
-      idx_all = np.concatenate(per_class)
-      order = np.lexsort((idx_all, owner_all))
-      return np.split(idx_all[order].astype(np.int64), np.cumsum(counts)[:-1])
+      return _group_by_owner(per_class, owner, counts)
   raise ValueError(
       f"no Dirichlet(beta={beta}) split of {total} samples gives every one of "
       f"{num_clients} clients >= {min_samples} samples after {max_tries} "
       "tries; raise beta or lower min_samples")
+
+
+def _draw_owners(per_class: list[np.ndarray], alpha: np.ndarray,
+                 rng: np.random.Generator) -> np.ndarray:
+  """One draw of the task's owners: class by class (per_class order),
+  p ~ Dirichlet(alpha), then every sample's client k ~ Cat(p).
+
+  Returns int (N_task,) client ids, aligned with concatenate(per_class).
+  """
+  num_clients = alpha.size
+  owner = []
+  for idx in per_class:
+    p = rng.dirichlet(alpha)
+    cdf = np.cumsum(p)
+    u = rng.random(idx.size) * cdf[-1]
+    owner.append(np.minimum(np.searchsorted(cdf, u, side="right"),
+                            num_clients - 1))
+  return np.concatenate(owner)
+
+
+def _group_by_owner(per_class: list[np.ndarray], owner: np.ndarray,
+                    counts: np.ndarray) -> list[np.ndarray]:
+  """K int64 index arrays, client k's samples ascending; counts (K,) are the
+  bincount of owner. O(N log N) for any K."""
+  idx_all = np.concatenate(per_class)
+  order = np.lexsort((idx_all, owner))
+  return np.split(idx_all[order].astype(np.int64), np.cumsum(counts)[:-1])
 
 
 def federated_split(

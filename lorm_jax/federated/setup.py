@@ -27,26 +27,49 @@ from lorm_jax.models import backbones, functional as F, pretrained, vit
 
 def validate_config(c: ConfigDict) -> None:
   """Raises ConfigError (one line) for values no run could use, before any work."""
-  def need(cond, msg):
-    if not cond:
-      raise ConfigError(msg)
+  _need(c.method in methods.METHODS,
+        f'unknown method {c.method!r}; available: {", ".join(sorted(methods.METHODS))}')
+  facts, backbone = _dataset_and_backbone(c)
+  _check_counts(c)
+  _check_rates(c)
+  try:
+    methods.METHODS[c.method].validate(c)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  metric_writers.check_packages(c)
+  _check_switches(c)
+  _check_fit(c, facts, backbone)
 
-  def positive_int(*names):
-    for name in names:
-      v = _get(c, name)
-      need(isinstance(v, int) and not isinstance(v, bool) and v >= 1,
-           f'{name} must be an integer >= 1, got {v!r}')
 
-  def finite(name, low, high=math.inf, low_open=True):
-    v = _get(c, name)
-    ok = isinstance(v, (int, float)) and math.isfinite(v) and (
-        v > low if low_open else v >= low) and v <= high
-    bound = f'> {low}' if low_open else f'>= {low}'
-    need(ok, f'{name} must be a finite number {bound}' + (f' and <= {high}' if high < math.inf
-                                                         else '') + f', got {v!r}')
+def _need(cond: bool, msg: str) -> None:
+  if not cond:
+    raise ConfigError(msg)
 
-  need(c.method in methods.METHODS,
-       f'unknown method {c.method!r}; available: {", ".join(sorted(methods.METHODS))}')
+
+def _get(c: ConfigDict, dotted: str):
+  for part in dotted.split('.'):
+    c = getattr(c, part)
+  return c
+
+
+def _is_int(v, low: int) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _check_finite(c: ConfigDict, name: str, low: float, high: float = math.inf,
+                  low_open: bool = True) -> None:
+  """config `name` a finite number in (low, high] (or [low, high] without low_open)."""
+  v = _get(c, name)
+  ok = isinstance(v, (int, float)) and math.isfinite(v) and (
+      v > low if low_open else v >= low) and v <= high
+  bound = f'> {low}' if low_open else f'>= {low}'
+  _need(ok, f'{name} must be a finite number {bound}' + (f' and <= {high}' if high < math.inf
+                                                        else '') + f', got {v!r}')
+
+
+def _dataset_and_backbone(c: ConfigDict) -> tuple[dataset_lib.DatasetFacts, backbones.Backbone]:
+  """The registry facts of config.dataset (its preprocessing preset checked)
+  and the backbone of config.model, or one-line ConfigErrors naming the known ones."""
   try:
     facts = registry.facts(c.dataset.name)
     augment.preset(c.dataset.preprocess or c.dataset.name, c.image_size)
@@ -56,59 +79,70 @@ def validate_config(c: ConfigDict) -> None:
     backbone = backbones.get(c.model.name)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  positive_int('model.rank', 'num_clients', 'num_tasks', 'rounds', 'local_epochs', 'batch_size',
-               'image_size', 'dataset.store_size')
+  return facts, backbone
+
+
+def _check_counts(c: ConfigDict) -> None:
+  """The integer settings: sizes >= 1, automatic sizes and counts >= 0,
+  clients_per_round at most num_clients."""
+  for name in ('model.rank', 'num_clients', 'num_tasks', 'rounds', 'local_epochs', 'batch_size',
+               'image_size', 'dataset.store_size'):
+    v = _get(c, name)
+    _need(_is_int(v, 1), f'{name} must be an integer >= 1, got {v!r}')
   for name in ('clients_per_chunk', 'eval_batch_size'):  # 0: sized to the device (sizing.py)
     v = _get(c, name)
-    need(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-         f'{name} must be an integer >= 0 (0: chosen from the device memory), got {v!r}')
+    _need(_is_int(v, 0),
+          f'{name} must be an integer >= 0 (0: chosen from the device memory), got {v!r}')
   for name in ('dataset.train_per_class', 'dataset.test_per_class', 'min_samples', 'seed',
                'split_seed', 'classes_per_task', 'clients_per_round'):
     v = _get(c, name)
-    need(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-         f'{name} must be an integer >= 0, got {v!r}')
-  need(c.clients_per_round <= c.num_clients, f'clients_per_round {c.clients_per_round} is more '
-       f'than the {c.num_clients} clients (num_clients); give at most {c.num_clients} (0: draw by '
-       'participation_rate)')
-  finite('beta', 0.0)
-  finite('participation_rate', 0.0, 1.0)
+    _need(_is_int(v, 0), f'{name} must be an integer >= 0, got {v!r}')
+  _need(c.clients_per_round <= c.num_clients, f'clients_per_round {c.clients_per_round} is more '
+        f'than the {c.num_clients} clients (num_clients); give at most {c.num_clients} (0: draw '
+        'by participation_rate)')
+
+
+def _check_rates(c: ConfigDict) -> None:
+  """The real-valued settings: concentrations, rates, learning rates, weights."""
+  _check_finite(c, 'beta', 0.0)
+  _check_finite(c, 'participation_rate', 0.0, 1.0)
   for name in ('lr_head', 'lr_a', 'lr_b'):
-    finite(name, 0.0)   # a too large one is caught as divergence (a non-finite loss)
-  finite('weight_decay', 0.0, low_open=False)
-  finite('ridge', 0.0, 1.0)  # relative to the mean of a system's diagonal
-  finite('alpha_head', 0.0, 1.0, low_open=False)
-  finite('alpha_backbone', 0.0, 1.0, low_open=False)
-  try:
-    methods.METHODS[c.method].validate(c)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-  metric_writers.check_packages(c)
+    _check_finite(c, name, 0.0)   # a too large one is caught as divergence (a non-finite loss)
+  _check_finite(c, 'weight_decay', 0.0, low_open=False)
+  _check_finite(c, 'ridge', 0.0, 1.0)  # relative to the mean of a system's diagonal
+  _check_finite(c, 'alpha_head', 0.0, 1.0, low_open=False)
+  _check_finite(c, 'alpha_backbone', 0.0, 1.0, low_open=False)
+
+
+def _check_switches(c: ConfigDict) -> None:
+  """The settings with a fixed set of values: download flags, dtype, client mode."""
   for name in ('dataset.download', 'model.download'):
-    need(isinstance(_get(c, name), bool), f'{name} must be True or False, got {_get(c, name)!r}')
-  need(c.model.dtype in ('float32', 'bfloat16'),
-       f'model.dtype must be float32 or bfloat16, got {c.model.dtype!r}')
-  need(c.client_mode in ('vmap', 'sequential'),
-       f"client_mode must be 'vmap' or 'sequential', got {c.client_mode!r}")
+    _need(isinstance(_get(c, name), bool), f'{name} must be True or False, got {_get(c, name)!r}')
+  _need(c.model.dtype in ('float32', 'bfloat16'),
+        f'model.dtype must be float32 or bfloat16, got {c.model.dtype!r}')
+  _need(c.client_mode in ('vmap', 'sequential'),
+        f"client_mode must be 'vmap' or 'sequential', got {c.client_mode!r}")
+
+
+def _check_fit(c: ConfigDict, facts: dataset_lib.DatasetFacts, backbone: backbones.Backbone
+               ) -> None:
+  """The settings that must agree with the dataset and backbone: image size a
+  multiple of the patch, the split file present, the tasks covering the classes."""
   patch = backbone.architecture['patch_size']
-  need(c.image_size % patch == 0,
-       f'image_size {c.image_size} is not a multiple of the {c.model.name} patch size {patch}')
+  _need(c.image_size % patch == 0,
+        f'image_size {c.image_size} is not a multiple of the {c.model.name} patch size {patch}')
   if c.split_file:
-    need(os.path.isfile(c.split_file), f'split_file {c.split_file} does not exist')
+    _need(os.path.isfile(c.split_file), f'split_file {c.split_file} does not exist')
   num_classes = facts.num_classes
   if not c.classes_per_task:
-    need(num_classes % c.num_tasks == 0,
-         f'{c.num_tasks} tasks do not divide the {num_classes} classes of {c.dataset.name}; '
-         'set classes_per_task for an uneven last task')
+    _need(num_classes % c.num_tasks == 0,
+          f'{c.num_tasks} tasks do not divide the {num_classes} classes of {c.dataset.name}; '
+          'set classes_per_task for an uneven last task')
   else:
-    need(c.classes_per_task * (c.num_tasks - 1) < num_classes <= c.classes_per_task * c.num_tasks,
-         f'{c.num_tasks} tasks of {c.classes_per_task} classes do not cover the '
-         f'{num_classes} classes of {c.dataset.name}')
-
-
-def _get(c: ConfigDict, dotted: str):
-  for part in dotted.split('.'):
-    c = getattr(c, part)
-  return c
+    _need(c.classes_per_task * (c.num_tasks - 1) < num_classes
+          <= c.classes_per_task * c.num_tasks,
+          f'{c.num_tasks} tasks of {c.classes_per_task} classes do not cover the '
+          f'{num_classes} classes of {c.dataset.name}')
 
 
 def check_workdir(c: ConfigDict, workdir: str) -> None:
@@ -238,6 +272,38 @@ def preprocessors(c: ConfigDict) -> tuple[Callable, Callable]:
   return preprocess_train, preprocess_test
 
 
+def load_data(c: ConfigDict) -> dataset_lib.Dataset:
+  """The dataset of config.dataset (uint8 images at store_size), cut to
+  train_per_class / test_per_class samples per class where they are set."""
+  ds = registry.load_dataset(c.dataset.name, c.dataset.data_dir or None,
+                             c.dataset.manual_dir or None, c.dataset.store_size,
+                             train_per_class=c.dataset.train_per_class or None,
+                             test_per_class=c.dataset.test_per_class or None)
+  if c.dataset.train_per_class or c.dataset.test_per_class:
+    ds = dataset_lib.subsample_dataset(ds, c.dataset.train_per_class or 10**9,
+                                       c.dataset.test_per_class or 10**9)
+  return ds
+
+
+def client_split(c: ConfigDict, ds: dataset_lib.Dataset, task_classes: list[np.ndarray]
+                 ) -> list[list[np.ndarray]]:
+  """split[task][client]: training-sample indices, read from config.split_file
+  (checked against the labels and tasks) or drawn: a pure function of
+  (labels, config, split_seed). Raises ConfigError when the smallest task
+  cannot give every client min_samples."""
+  if c.split_file:
+    split = partition.load_split(c.split_file)
+    partition.check_split(c.split_file, split, ds.train_labels, task_classes, c.num_clients)
+    return split
+  per_task_min = min(np.isin(ds.train_labels, cls).sum() for cls in task_classes)
+  if per_task_min < c.num_clients * c.min_samples:
+    raise ConfigError(f'{c.num_clients} clients x {c.min_samples} samples need more data than '
+                      f'the smallest task has ({per_task_min} training samples)')
+  return partition.federated_split(ds.train_labels, ds.num_classes, c.num_tasks, c.num_clients,
+                                   c.beta, c.split_seed, min_samples=c.min_samples,
+                                   classes_per_task=c.classes_per_task or None)
+
+
 def build_experiment(c: ConfigDict, workdir: str,
                      lock: checkpointing.WorkdirLock | None = None,
                      write: bool = True) -> Experiment:
@@ -260,31 +326,12 @@ def build_experiment(c: ConfigDict, workdir: str,
                          download_missing=c.dataset.download)
   pretrained.resolve_weights(c.model.name, c.model.weights, download_missing=c.model.download)
 
-  # Data: fail fast if missing, before the weights.
-  ds = registry.load_dataset(c.dataset.name, c.dataset.data_dir or None,
-                             c.dataset.manual_dir or None, c.dataset.store_size,
-                             train_per_class=c.dataset.train_per_class or None,
-                             test_per_class=c.dataset.test_per_class or None)
-  if c.dataset.train_per_class or c.dataset.test_per_class:
-    ds = dataset_lib.subsample_dataset(ds, c.dataset.train_per_class or 10**9,
-                                       c.dataset.test_per_class or 10**9)
+  ds = load_data(c)   # data first: a missing dataset fails before the weights load
   task_classes = partition.task_classes(ds.num_classes, c.num_tasks, c.classes_per_task or None)
   task_of_label = np.zeros(ds.num_classes, np.int32)
   for t, cls in enumerate(task_classes):
     task_of_label[cls] = t
-
-  # Client split: a pure function of (labels, config, split_seed), or a file.
-  if c.split_file:
-    split = partition.load_split(c.split_file)
-    partition.check_split(c.split_file, split, ds.train_labels, task_classes, c.num_clients)
-  else:
-    per_task_min = min(np.isin(ds.train_labels, cls).sum() for cls in task_classes)
-    if per_task_min < c.num_clients * c.min_samples:
-      raise ConfigError(f'{c.num_clients} clients x {c.min_samples} samples need more data than '
-                        f'the smallest task has ({per_task_min} training samples)')
-    split = partition.federated_split(ds.train_labels, ds.num_classes, c.num_tasks, c.num_clients,
-                                      c.beta, c.split_seed, min_samples=c.min_samples,
-                                      classes_per_task=c.classes_per_task or None)
+  split = client_split(c, ds, task_classes)
   model = build_model(c, ds.num_classes)
   if write:
     prepare_workdir(c, workdir)

@@ -6,12 +6,19 @@ from ml_collections import ConfigDict
 from lorm_jax.methods.base import ClientResults, GramRequest, Method
 from lorm_jax.methods.ccvr import CCVR
 from lorm_jax.methods.continual import EWC, FedProto, FisherAvg, LwF
+from lorm_jax.methods.derpp import DERpp
+from lorm_jax.methods.fedsum import FedSum
+from lorm_jax.methods.ties import TIES
 from lorm_jax.methods.fedavg import FedAvg, FFALoRA
 from lorm_jax.methods.joint import Joint, JointFed
+from lorm_jax.methods.lora_aggregators import FedExLoRA, FedSALoRA, FLoRA
 from lorm_jax.methods.lorm import LoRM
 from lorm_jax.methods.pilora import PILoRA
 from lorm_jax.methods.prompts import L2P, CodaPrompt
+from lorm_jax.methods.dualprompt import DualPrompt
+from lorm_jax.methods.coda_lwf import CodaLwF
 from lorm_jax.methods.regmean import RegMean
+from lorm_jax.methods.target import TARGET
 
 METHODS: dict[str, type[Method]] = {
     'lorm': LoRM,
@@ -27,7 +34,16 @@ METHODS: dict[str, type[Method]] = {
     'ccvr': CCVR,
     'l2p': L2P,
     'coda_p': CodaPrompt,
+    'dualprompt': DualPrompt,
+    'coda_lwf': CodaLwF,
     'pilora': PILoRA,
+    'derpp': DERpp,
+    'fedsum': FedSum,
+    'ties': TIES,
+    'fedex_lora': FedExLoRA,
+    'flora': FLoRA,
+    'fedsa_lora': FedSALoRA,
+    'target': TARGET,
 }
 
 

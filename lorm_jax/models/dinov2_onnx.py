@@ -252,6 +252,19 @@ def convert_dinov2_onnx(path: str | os.PathLike) -> tuple[dict[str, np.ndarray],
   gelu ('erf' | 'tanh'), layerscale, posemb_grid, posemb_resample, resize,
   features_tensor.
   """
+  g = _read_graph(path)
+  params, info, x = _embeddings(g)
+  depth, seen = _walk_blocks(g, x, params, info)
+  info.update(_common_block_facts(g, depth, seen, info['width']))
+  out = {k: np.ascontiguousarray(v, np.float32) for k, v in params.items()}
+  if info.get('posemb_resample'):
+    out[META_PREFIX + 'posemb_resample'] = np.array(info['posemb_resample'])
+  return out, info
+
+
+def _read_graph(path: str | os.PathLike) -> Graph:
+  """The ONNX file at path as a Graph; CheckpointError (one line) when onnx
+  is not installed or the file is missing or unreadable."""
   try:
     import onnx  # pylint: disable=import-outside-toplevel
   except ImportError as e:
@@ -264,25 +277,34 @@ def convert_dinov2_onnx(path: str | os.PathLike) -> tuple[dict[str, np.ndarray],
   except Exception as e:  # protobuf DecodeError and friends
     raise CheckpointError(f'{path}: not a readable ONNX model ({type(e).__name__}: '
                           f'{one_line(e)[:200]})') from None
-  g = Graph(model, str(path))
-  params, info, x = _embeddings(g)
-  d = info['width']
-  eps_seen, gelus, heads_seen, ls_seen, scales = set(), set(), set(), set(), set()
+  return Graph(model, str(path))
+
+
+def _walk_blocks(g: Graph, x: str, params: dict[str, np.ndarray], info: dict[str, Any]
+                 ) -> tuple[int, dict[str, set]]:
+  """Follows the residual stream from the token tensor x block by block until
+  a LayerNorm that feeds no weight MatMul: the final norm. Adds every block's
+  canonical entries and the final norm to params, 'mlp_dim' and
+  'features_tensor' to info. Returns (depth, {'eps', 'gelu', 'heads',
+  'layerscale', 'logit_scale': the set of values the blocks showed}), for
+  `_common_block_facts` to check they agree."""
+  seen: dict[str, set] = {k: set() for k in ('eps', 'gelu', 'heads', 'layerscale',
+                                              'logit_scale')}
   i = 0
   while True:
     what = f'block {i}'
     norm, eps, y = layer_norm(g, x, what)
-    eps_seen.add(eps)
+    seen['eps'].add(eps)
     if not [n for n in g.users(y, 'MatMul') if g.is_param(n.input[1])]:
       if i == 0:
         raise g.fail('no transformer block after the embeddings')
       params['norm.scale'], params['norm.bias'] = norm['scale'], norm['bias']
       info['features_tensor'] = y
-      break
+      return i, seen
     att = _attention(g, y, what)
     ls1, x = residual_add(g, att['out'], x, what)
     norm2, eps2, y2 = layer_norm(g, x, what)
-    eps_seen.add(eps2)
+    seen['eps'].add(eps2)
     mlp = _mlp(g, y2, what)
     ls2, x = residual_add(g, mlp['out'], x, what)
     params.update(_block_params(f'blocks.{i}.', norm, att, norm2, mlp))
@@ -290,12 +312,20 @@ def convert_dinov2_onnx(path: str | os.PathLike) -> tuple[dict[str, np.ndarray],
       raise g.fail(f'{what}: LayerScale on only one branch')
     if ls1 is not None:
       params[f'blocks.{i}.ls1'], params[f'blocks.{i}.ls2'] = ls1, ls2
-    ls_seen.add(ls1 is not None)
-    gelus.add(mlp['gelu'])
-    heads_seen.add(att['heads'])
-    scales.add(round(att['logit_scale'], 6))
+    seen['layerscale'].add(ls1 is not None)
+    seen['gelu'].add(mlp['gelu'])
+    seen['heads'].add(att['heads'])
+    seen['logit_scale'].add(round(att['logit_scale'], 6))
     info['mlp_dim'] = int(mlp['fc1'][0].shape[1])
     i += 1
+
+
+def _common_block_facts(g: Graph, depth: int, seen: dict[str, set], d: int) -> dict[str, Any]:
+  """The info entries every block shares (depth, num_heads, ln_eps, gelu,
+  layerscale), after checking the blocks agree, their heads make width d and
+  the attention logits are scaled by 1/sqrt(head_dim)."""
+  eps_seen, gelus, heads_seen, ls_seen, scales = (
+      seen[k] for k in ('eps', 'gelu', 'heads', 'layerscale', 'logit_scale'))
   if len(eps_seen) != 1 or len(gelus) != 1 or len(heads_seen) != 1 or len(ls_seen) != 1:
     raise g.fail(f'blocks differ: eps {eps_seen}, gelu {gelus}, heads {heads_seen}')
   h, hd = heads_seen.pop()
@@ -304,9 +334,5 @@ def convert_dinov2_onnx(path: str | os.PathLike) -> tuple[dict[str, np.ndarray],
   scale = scales.pop() if len(scales) == 1 else None
   if scale is None or abs(scale - 1 / math.sqrt(hd)) > 1e-5:
     raise g.fail(f'attention logit scale {scales} is not 1/sqrt(head_dim={hd})')
-  info.update(depth=i, num_heads=h, ln_eps=float(np.float32(eps_seen.pop())),
+  return dict(depth=depth, num_heads=h, ln_eps=float(np.float32(eps_seen.pop())),
               gelu=gelus.pop(), layerscale=ls_seen.pop())
-  out = {k: np.ascontiguousarray(v, np.float32) for k, v in params.items()}
-  if info.get('posemb_resample'):
-    out[META_PREFIX + 'posemb_resample'] = np.array(info['posemb_resample'])
-  return out, info
