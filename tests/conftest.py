@@ -23,6 +23,24 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
 from configs import smoke  # pylint: disable=wrong-import-position
 
+SMALL_WIDTH = 16   # the prompt and PILoRA tests' ViT: 14 px, patches of 7, 2 blocks
+
+
+@pytest.fixture(scope='module')
+def small_fm():
+  """A FunctionalViT of width SMALL_WIDTH for 14 px images, 4 classes, rank 2."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from lorm_jax.models import functional as F, vit  # pylint: disable=import-outside-toplevel
+  cfg = vit.ViTConfig(image_size=14, patch_size=7, width=SMALL_WIDTH, depth=2, num_heads=2,
+                      mlp_dim=32, num_classes=4, lora_rank=2)
+  return F.FunctionalViT(vit.ViT(cfg, rngs=nnx.Rngs(0)))
+
+
+def small_images(n: int = 3, seed: int = 0):
+  """(n, 14, 14, 3) float32 normal images for `small_fm`."""
+  import jax  # pylint: disable=import-outside-toplevel
+  return jax.random.normal(jax.random.key(seed), (n, 14, 14, 3))
+
 
 def smoke_config(**overrides):
   """configs/smoke.py with overrides; dotted keys reach nested fields

@@ -12,29 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from reference64 import reg_grams64, root64, weights64
 
 from lorm_jax import merge as M
 
 # ------------------------------------------------------- float64 references
-
-
-def _reg_grams64(grams: np.ndarray, alpha: float) -> np.ndarray:
-  """G~_i = alpha G_i + (1 - alpha) diag(G_i); grams (C, n, n) or (C, n) -> (C, n, n)."""
-  g = np.asarray(grams, np.float64)
-  if g.ndim == 2:
-    return np.stack([np.diag(d) for d in g])
-  diag = np.stack([np.diag(np.diagonal(gi)) for gi in g])
-  return alpha * g + (1.0 - alpha) * diag
-
-
-def _root64(gt: np.ndarray) -> np.ndarray:
-  """X with X^T X = gt for PSD gt (n, n): Cholesky, or eigh when singular."""
-  try:
-    return np.linalg.cholesky(gt).T
-  except np.linalg.LinAlgError:
-    lam, v = np.linalg.eigh(0.5 * (gt + gt.T))
-    lam[lam < gt.shape[0] * np.finfo(np.float64).eps * lam.max(initial=0.0)] = 0.0
-    return np.sqrt(lam)[:, None] * v.T
 
 
 def _lstsq_stacked(roots: list[np.ndarray], targets: list[np.ndarray]) -> np.ndarray:
@@ -43,16 +25,12 @@ def _lstsq_stacked(roots: list[np.ndarray], targets: list[np.ndarray]) -> np.nda
                          rcond=None)[0]
 
 
-def _weights64(weights: np.ndarray | None, c: int) -> np.ndarray:
-  return np.ones(c) if weights is None else np.asarray(weights, np.float64)
-
-
 def _ref_regmean(k: np.ndarray, grams: np.ndarray, alpha: float,
                  weights: np.ndarray | None = None) -> np.ndarray:
   """argmin_m sum_i w_i ||X_i (m - k_i)||^2; k (C, n, o) -> (n, o) float64."""
-  gt = _reg_grams64(grams, alpha)
-  w = _weights64(weights, k.shape[0])
-  roots = [np.sqrt(wi) * _root64(gi) for gi, wi in zip(gt, w) if wi != 0]
+  gt = reg_grams64(grams, alpha)
+  w = weights64(weights, k.shape[0])
+  roots = [np.sqrt(wi) * root64(gi) for gi, wi in zip(gt, w) if wi != 0]
   ks = [ki for ki, wi in zip(np.asarray(k, np.float64), w) if wi != 0]
   return _lstsq_stacked(roots, [x @ ki for x, ki in zip(roots, ks)])
 
@@ -60,10 +38,10 @@ def _ref_regmean(k: np.ndarray, grams: np.ndarray, alpha: float,
 def _ref_merge_b(b: np.ndarray, a: np.ndarray, grams: np.ndarray, alpha: float,
                  weights: np.ndarray | None = None) -> np.ndarray:
   """argmin_m sum_i w_i ||X_i a (m - b_i)||^2; b (C, r, o), a (n, r) -> (r, o)."""
-  gt = _reg_grams64(grams, alpha)
-  w = _weights64(weights, b.shape[0])
+  gt = reg_grams64(grams, alpha)
+  w = weights64(weights, b.shape[0])
   a = np.asarray(a, np.float64)
-  ys = [np.sqrt(wi) * _root64(gi) @ a for gi, wi in zip(gt, w) if wi != 0]
+  ys = [np.sqrt(wi) * root64(gi) @ a for gi, wi in zip(gt, w) if wi != 0]
   bs = [bi for bi, wi in zip(np.asarray(b, np.float64), w) if wi != 0]
   return _lstsq_stacked(ys, [y @ bi for y, bi in zip(ys, bs)])
 

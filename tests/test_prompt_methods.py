@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import smoke_config, strip_wall_time
+from conftest import SMALL_WIDTH as D, small_images, smoke_config, strip_wall_time
 from lorm_jax.federated import client, simulate
 from lorm_jax.methods import METHODS, make_method
 from lorm_jax.methods import coda_lwf as CL
@@ -19,23 +19,9 @@ from lorm_jax.methods import prompts as PR
 from lorm_jax.methods.interface import Batch, ClientResults, masked_cross_entropy
 from lorm_jax.models import functional as F, vit
 
-D = 16
-
-
-@pytest.fixture(scope='module')
-def fm():
-  cfg = vit.ViTConfig(image_size=14, patch_size=7, width=D, depth=2, num_heads=2, mlp_dim=32,
-                      num_classes=4, lora_rank=2)
-  return F.FunctionalViT(vit.ViT(cfg, rngs=nnx.Rngs(0)))
-
-
-def _images(n=3, seed=0):
-  return jax.random.normal(jax.random.key(seed), (n, 14, 14, 3))
-
-
-def _server(fm, name, **hp):
+def _server(small_fm, name, **hp):
   m = make_method(name, smoke_config(**{f'{name}.{k}': v for k, v in hp.items()}))
-  p = fm.initial_params()
+  p = small_fm.initial_params()
   return m, p, m.init_server(p, F.init_head(jax.random.key(0), D, 4), jax.random.key(1))
 
 
@@ -45,9 +31,9 @@ def _cos(q, keys):
       (keys / np.linalg.norm(keys, axis=1, keepdims=True)).T
 
 
-def _query(fm, p, head, x):
-  a0, b0 = F.full_lora(fm, {}, {})
-  return fm.apply(p.frozen, a0, b0, head, x, features_only=True)[0]
+def _query(small_fm, p, head, x):
+  a0, b0 = F.full_lora(small_fm, {}, {})
+  return small_fm.apply(p.frozen, a0, b0, head, x, features_only=True)[0]
 
 
 # ------------------------------------------------------------- DualPrompt
@@ -68,44 +54,44 @@ def test_dualprompt_picks_e_prompts_by_key_matching_and_its_own_in_training():
   assert float(m.train_ctx(2)['force']) == 1.0 and float(m.train_ctx(3)['force']) == 0.0
 
 
-def test_dualprompt_prefixes_sit_on_the_g_and_e_blocks(fm):
-  m, p, server = _server(fm, 'dualprompt', g_layers=(0,), e_layers=(1,), pool_size=4,
+def test_dualprompt_prefixes_sit_on_the_g_and_e_blocks(small_fm):
+  m, p, server = _server(small_fm, 'dualprompt', g_layers=(0,), e_layers=(1,), pool_size=4,
                          e_length=3, g_length=2)
-  head, x = server['head'], _images()
+  head, x = server['head'], small_images()
   assert server['a'] == {} and server['b'] == {}
   assert head['dualprompt.g'].shape == (1, 2, 2, D)      # (blocks, key/value, length, D)
   assert head['dualprompt.e'].shape == (1, 2, 4, 3, D)   # (blocks, key/value, pool, length, D)
   assert head['dualprompt.keys'].shape == (4, D)
   g, e = np.asarray(head['dualprompt.g'][0]), np.asarray(head['dualprompt.e'][0])
-  q = _query(fm, p, head, x)
-  a0, b0 = F.full_lora(fm, {}, {})
+  q = _query(small_fm, p, head, x)
+  a0, b0 = F.full_lora(small_fm, {}, {})
 
   def by_hand(idx):
     bcast = lambda t: jnp.broadcast_to(jnp.asarray(t), (3,) + t.shape)
     prefixes = {0: (bcast(g[0]), bcast(g[1])),
                 1: (jnp.asarray(e[0, idx]), jnp.asarray(e[1, idx]))}  # (B, 3, D) each
-    return fm.apply(p.frozen, a0, b0, head, x, features_only=True,
+    return small_fm.apply(p.frozen, a0, b0, head, x, features_only=True,
                     prompting=vit.Prompting(prefixes=prefixes))[0]
 
   # Evaluation: each image's entry is its best-matching key.
   picked = np.argmax(_cos(q, head['dualprompt.keys']), axis=1)
-  logits, feats = m.forward(fm, p.frozen, {}, {}, head, m.forward_ctx(server, 0), x)
+  logits, feats = m.forward(small_fm, p.frozen, {}, {}, head, m.forward_ctx(server, 0), x)
   np.testing.assert_allclose(np.asarray(feats), np.asarray(by_hand(picked)), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.asarray(logits),
                              np.asarray(feats @ head['kernel'] + head['bias']), rtol=1e-6)
   # Training of task 2: entry 2 for every image.
-  _, feats = m.forward(fm, p.frozen, {}, {}, head, m.train_ctx(2), x)
+  _, feats = m.forward(small_fm, p.frozen, {}, {}, head, m.train_ctx(2), x)
   np.testing.assert_allclose(np.asarray(feats), np.asarray(by_hand(np.full(3, 2))),
                              rtol=1e-5, atol=1e-5)
 
 
-def test_dualprompt_training_reaches_its_task_entry_and_g_but_not_the_keys(fm):
-  m, p, server = _server(fm, 'dualprompt', g_layers=(0,), e_layers=(1,), pool_size=4,
+def test_dualprompt_training_reaches_its_task_entry_and_g_but_not_the_keys(small_fm):
+  m, p, server = _server(small_fm, 'dualprompt', g_layers=(0,), e_layers=(1,), pool_size=4,
                          e_length=3, g_length=2)
   ctx = m.train_ctx(1)
 
   def loss(head):
-    logits, _ = m.forward(fm, p.frozen, {}, {}, head, ctx, _images())
+    logits, _ = m.forward(small_fm, p.frozen, {}, {}, head, ctx, small_images())
     return jnp.sum(logits ** 2)
 
   grad = jax.grad(loss)(server['head'])
@@ -115,14 +101,14 @@ def test_dualprompt_training_reaches_its_task_entry_and_g_but_not_the_keys(fm):
   assert not np.any(np.asarray(grad['dualprompt.keys']))  # no key-pull loss, as the reference
 
 
-def test_dualprompt_prompt_tuning_prepends_the_entry_before_its_block(fm):
-  m, p, server = _server(fm, 'dualprompt', g_layers=(0,), e_layers=(1,), pool_size=4,
+def test_dualprompt_prompt_tuning_prepends_the_entry_before_its_block(small_fm):
+  m, p, server = _server(small_fm, 'dualprompt', g_layers=(0,), e_layers=(1,), pool_size=4,
                          e_length=3, g_length=2, e_tuning='prompt')
-  head, x = server['head'], _images()
+  head, x = server['head'], small_images()
   assert head['dualprompt.e'].shape == (1, 4, 3, D)       # (blocks, pool, length, D)
-  _, feats = m.forward(fm, p.frozen, {}, {}, head, m.train_ctx(3), x)
-  a0, b0 = F.full_lora(fm, {}, {})
-  model = fm.module(p.frozen, a0, b0, head)
+  _, feats = m.forward(small_fm, p.frozen, {}, {}, head, m.train_ctx(3), x)
+  a0, b0 = F.full_lora(small_fm, {}, {})
+  model = small_fm.module(p.frozen, a0, b0, head)
   g = head['dualprompt.g'][0]
   seq = model.embed(x)
   seq = model.blocks[0](seq, prefix=tuple(jnp.broadcast_to(g[i], (3, 2, D)) for i in (0, 1)))
@@ -131,14 +117,14 @@ def test_dualprompt_prompt_tuning_prepends_the_entry_before_its_block(fm):
   np.testing.assert_allclose(np.asarray(feats), np.asarray(seq[:, 3]), rtol=1e-5, atol=1e-5)
 
 
-def test_dualprompt_defaults_are_the_reference_network_and_absent_blocks_get_no_slot(fm):
+def test_dualprompt_defaults_are_the_reference_network_and_absent_blocks_get_no_slot(small_fm):
   assert METHODS['dualprompt'].hyperparameters() == {
       'g_length': 5, 'g_layers': (0, 1), 'pool_size': 10, 'e_length': 20, 'e_layers': (2, 3, 4),
       'top_k': 1, 'e_tuning': 'prefix'}
-  m, p, server = _server(fm, 'dualprompt')  # a depth-2 ViT: no block of e_layers
+  m, p, server = _server(small_fm, 'dualprompt')  # a depth-2 ViT: no block of e_layers
   head = server['head']
   assert head['dualprompt.g'].shape == (2, 2, 5, D) and 'dualprompt.e' not in head
-  logits, _ = m.forward(fm, p.frozen, {}, {}, head, m.train_ctx(0), _images())
+  logits, _ = m.forward(small_fm, p.frozen, {}, {}, head, m.train_ctx(0), small_images())
   assert logits.shape == (3, 4) and np.all(np.isfinite(np.asarray(logits)))
   # A config read back from JSON gives lists; the static forward needs tuples.
   m = make_method('dualprompt', smoke_config(**{'dualprompt.e_layers': (1,)}))
@@ -165,19 +151,19 @@ def test_prompt_method_hyperparameters_are_checked(bad, match):
 # --------------------------------------------------------------- CODA-LwF
 
 
-def _coda_lwf_batch(fm, fixed_state=None):
+def _coda_lwf_batch(small_fm, fixed_state=None):
   """A CODA-LwF batch of task 0 (classes 0, 1 of 4) whose student has moved
   off the teacher; the last sample is padding."""
-  m, p, server = _server(fm, 'coda_lwf')
+  m, p, server = _server(small_fm, 'coda_lwf')
   server = m.begin_task(server, 0, jax.random.key(2))
   teacher = server['head']
   noise = lambda k, t: t + 0.3 * jax.random.normal(jax.random.key(k), t.shape)
   student = {**teacher, 'kernel': noise(3, teacher['kernel']),
              'coda.p': noise(4, teacher['coda.p'])}
   ctx, aux = m.forward_ctx(server, 0), m.train_aux(server, 0)
-  x, y = _images(5, seed=1), jnp.array([0, 1, 0, 1, 1])
+  x, y = small_images(5, seed=1), jnp.array([0, 1, 0, 1, 1])
   w, cm = jnp.array([1.0, 1.0, 1.0, 1.0, 0.0]), jnp.array([True, True, False, False])
-  forward = client.bind_forward(m.forward, fm, p.frozen, ctx)
+  forward = client.bind_forward(m.forward, small_fm, p.frozen, ctx)
   logits, feats = forward({}, {}, student, x)
   state = fixed_state or {'coda_lwf.sum': jnp.zeros(4), 'coda_lwf.count': jnp.zeros(4),
                           'coda_lwf.fixed': jnp.float32(0)}
@@ -186,17 +172,17 @@ def _coda_lwf_batch(fm, fixed_state=None):
   return m, p, server, student, batch
 
 
-def _lwf_by_hand(fm, p, server, student, batch, betas=None):
+def _lwf_by_hand(small_fm, p, server, student, batch, betas=None):
   """float64: CE of the student + sum_i w_i beta_i KL_i / sum w (module docstring)."""
   x, y, w = batch.x, np.asarray(batch.y), np.asarray(batch.w, np.float64)
   ctx, teacher = batch.ctx, server['head']
-  s = np.asarray(PR.coda_forward(fm, p.frozen, {}, {}, student, ctx, x)[0], np.float64)[:, :2]
-  t = np.asarray(PR.coda_forward(fm, p.frozen, {}, {}, teacher, ctx, x)[0], np.float64)[:, :2]
+  s = np.asarray(PR.coda_forward(small_fm, p.frozen, {}, {}, student, ctx, x)[0], np.float64)[:, :2]
+  t = np.asarray(PR.coda_forward(small_fm, p.frozen, {}, {}, teacher, ctx, x)[0], np.float64)[:, :2]
   logp = s - np.log(np.exp(s).sum(1, keepdims=True))
   logq = t - np.log(np.exp(t).sum(1, keepdims=True))
   ce = -(w * logp[np.arange(5), y]).sum() / w.sum()
   if betas is None:  # the batch's own class-mean scores under the teacher
-    q = np.asarray(_query(fm, p, teacher, x), np.float64)
+    q = np.asarray(_query(small_fm, p, teacher, x), np.float64)
     live, train = np.asarray(ctx['live']) > 0, np.asarray(ctx['train']) > 0
     layers = teacher['coda.k'].shape[0]
     score = np.zeros(5)
@@ -213,25 +199,25 @@ def _lwf_by_hand(fm, p, server, student, batch, betas=None):
   return ce + (w * beta * np.where(others, kl, 0).sum(1)).sum() / w.sum()
 
 
-def test_coda_lwf_loss_is_coda_p_cross_entropy_plus_the_weighted_distillation(fm):
-  m, p, server, student, batch = _coda_lwf_batch(fm)
+def test_coda_lwf_loss_is_coda_p_cross_entropy_plus_the_weighted_distillation(small_fm):
+  m, p, server, student, batch = _coda_lwf_batch(small_fm)
   # CODA-LwF's forward is CODA-P's.
   np.testing.assert_array_equal(
       np.asarray(batch.logits),
-      np.asarray(PR.coda_forward(fm, p.frozen, {}, {}, student, batch.ctx, batch.x)[0]))
+      np.asarray(PR.coda_forward(small_fm, p.frozen, {}, {}, student, batch.ctx, batch.x)[0]))
   ce, _ = masked_cross_entropy(batch.logits, batch.y, batch.class_mask, batch.w)
   got = float(ce + CL.coda_lwf_distillation(batch))
-  want = _lwf_by_hand(fm, p, server, student, batch)
+  want = _lwf_by_hand(small_fm, p, server, student, batch)
   assert got > float(ce) + 1e-4
   np.testing.assert_allclose(got, want, rtol=2e-4)
   # Once a client's class sums are fixed, betas come from them alone.
   fixed = {'coda_lwf.sum': jnp.array([0.6, -0.4, 0.0, 0.0]),
            'coda_lwf.count': jnp.array([2.0, 1.0, 0.0, 0.0]), 'coda_lwf.fixed': jnp.float32(1)}
-  m, p, server, student, batch = _coda_lwf_batch(fm, fixed)
+  m, p, server, student, batch = _coda_lwf_batch(small_fm, fixed)
   ce, _ = masked_cross_entropy(batch.logits, batch.y, batch.class_mask, batch.w)
   betas = np.exp([0.3, -0.4]) / np.exp([0.3, -0.4]).sum()
   np.testing.assert_allclose(float(ce + CL.coda_lwf_distillation(batch)),
-                             _lwf_by_hand(fm, p, server, student, batch, betas), rtol=2e-4)
+                             _lwf_by_hand(small_fm, p, server, student, batch, betas), rtol=2e-4)
   # alpha scales the term; a student equal to its teacher distils nothing.
   half = batch._replace(aux={**batch.aux, 'alpha': jnp.float32(0.5)})
   np.testing.assert_allclose(float(CL.coda_lwf_distillation(half)),
@@ -240,8 +226,8 @@ def test_coda_lwf_loss_is_coda_p_cross_entropy_plus_the_weighted_distillation(fm
   assert abs(float(CL.coda_lwf_distillation(same))) < 1e-6
 
 
-def test_coda_lwf_client_scores_accumulate_once_per_task(fm):
-  m, p, server = _server(fm, 'coda_lwf')
+def test_coda_lwf_client_scores_accumulate_once_per_task(small_fm):
+  m, p, server = _server(small_fm, 'coda_lwf')
   assert server['extra']['coda_lwf.sum'].shape == (3, 4)  # smoke: 3 clients, here 4 classes
   server = m.begin_task(server, 0, jax.random.key(2))
   plan = m.round_plan(server, 0, 0, np.array([2, 0]))

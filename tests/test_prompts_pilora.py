@@ -8,26 +8,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import smoke_config as _config
+from conftest import SMALL_WIDTH as D, small_images, smoke_config as _config
 from lorm_jax.methods import make_method
 from lorm_jax.methods import interface
 from lorm_jax.methods import pilora as PI
 from lorm_jax.methods import prompts as PR
 from lorm_jax.models import functional as F, vit
-
-D = 16
-
-
-@pytest.fixture(scope='module')
-def fm():
-  cfg = vit.ViTConfig(image_size=14, patch_size=7, width=D, depth=2, num_heads=2, mlp_dim=32,
-                      num_classes=4, lora_rank=2)
-  return F.FunctionalViT(vit.ViT(cfg, rngs=nnx.Rngs(0)))
-
-
-def _images(n=3, seed=0):
-  return jax.random.normal(jax.random.key(seed), (n, 14, 14, 3))
-
 
 # ------------------------------------------------------------------- ViT
 
@@ -53,9 +39,10 @@ def test_prefix_attention_matches_float64_reference():
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
 
 
-def test_prompt_tokens_follow_the_reference_order_and_pooling(fm):
-  model = fm.module(*(fm.initial_params().__dict__[k] for k in ('frozen', 'a', 'b', 'head')))
-  x = _images()
+def test_prompt_tokens_follow_the_reference_order_and_pooling(small_fm):
+  p0 = small_fm.initial_params()
+  model = small_fm.module(p0.frozen, p0.a, p0.b, p0.head)
+  x = small_images()
   tokens = jax.random.normal(jax.random.key(5), (3, 4, D))
   pos = jax.random.normal(jax.random.key(6), (4, D))
   plain = model.embed(x)
@@ -94,14 +81,15 @@ def test_l2p_selects_the_most_cosine_similar_keys():
     np.testing.assert_array_equal(got[n], prompts[top].reshape(25, D))
 
 
-def test_l2p_trains_prompts_but_not_keys(fm):
+def test_l2p_trains_prompts_but_not_keys(small_fm):
   m = make_method('l2p', _config())
-  p = fm.initial_params()
+  p = small_fm.initial_params()
   server = m.init_server(p, F.init_head(jax.random.key(0), D, 4), jax.random.key(1))
   assert server['a'] == {} and server['b'] == {}
 
   def loss(head):
-    logits, _ = m.forward(fm, p.frozen, {}, {}, head, m.forward_ctx(server, 0), _images())
+    logits, _ = m.forward(small_fm, p.frozen, {}, {}, head, m.forward_ctx(server, 0),
+                          small_images())
     return jnp.sum(logits ** 2)
 
   g = jax.grad(loss)(server['head'])
@@ -111,20 +99,20 @@ def test_l2p_trains_prompts_but_not_keys(fm):
   assert 5 <= len(picked) <= 10
 
 
-def test_l2p_pool_sizes_are_hyperparameters(fm):
+def test_l2p_pool_sizes_are_hyperparameters(small_fm):
   from lorm_jax.methods import METHODS
   assert METHODS['l2p'].hyperparameters() == {'pool_size': 10, 'length': 5, 'top_k': 5}
   m = make_method('l2p', _config(**{'l2p.pool_size': 6, 'l2p.length': 3, 'l2p.top_k': 2}))
-  p = fm.initial_params()
+  p = small_fm.initial_params()
   head = m.init_server(p, F.init_head(jax.random.key(0), D, 4), jax.random.key(1))['head']
   assert head['l2p.prompts'].shape == (6, 3, D) and head['l2p.keys'].shape == (6, D)
-  x = _images()
-  _, feats = m.forward(fm, p.frozen, {}, {}, head, {}, x)
-  a0, b0 = F.full_lora(fm, {}, {})
-  q, _, _ = fm.apply(p.frozen, a0, b0, head, x, features_only=True)
+  x = small_images()
+  _, feats = m.forward(small_fm, p.frozen, {}, {}, head, {}, x)
+  a0, b0 = F.full_lora(small_fm, {}, {})
+  q, _, _ = small_fm.apply(p.frozen, a0, b0, head, x, features_only=True)
   tokens = PR.l2p_select(head['l2p.prompts'], head['l2p.keys'], q, 2)   # (B, 2 x 3, D)
   pos = 0.02 * jax.random.normal(jax.random.key(PR._PROMPT_POS_KEY), (6, D))
-  want, _, _ = fm.apply(p.frozen, a0, b0, head, x, features_only=True,
+  want, _, _ = small_fm.apply(p.frozen, a0, b0, head, x, features_only=True,
                         prompting=vit.Prompting(tokens, pos, None, 'cls_and_tokens'))
   np.testing.assert_allclose(np.asarray(feats), np.asarray(want), rtol=1e-5, atol=1e-5)
   # The static forward is equal (one jit cache entry) for equal hyperparameters only.
@@ -158,19 +146,19 @@ def test_gram_schmidt_rows_match_the_reference_procedure():
   np.testing.assert_allclose(second[4:8], u[4:8], rtol=1e-4, atol=1e-5)
 
 
-def test_coda_p_trains_only_the_current_slice_and_ignores_later_ones(fm):
+def test_coda_p_trains_only_the_current_slice_and_ignores_later_ones(small_fm):
   m = make_method('coda_p', _config(num_tasks=4))  # 25 components per task
-  p = fm.initial_params()
+  p = small_fm.initial_params()
   server = m.init_server(p, F.init_head(jax.random.key(0), D, 4), jax.random.key(1))
   assert server['head']['coda.p'].shape == (2, 100, 8, D)  # blocks 0-1 of a depth-2 ViT
   for t in (0, 1):
     server = m.begin_task(server, t, jax.random.key(10 + t))
   head, ctx = server['head'], m.forward_ctx(server, 1)
   assert np.any(np.asarray(head['coda.k'][:, 25:50])) and not np.any(np.asarray(head['coda.k'][:, 50:]))
-  x = _images()
+  x = small_images()
 
   def out(h):
-    return m.forward(fm, p.frozen, {}, {}, h, ctx, x)[0]
+    return m.forward(small_fm, p.frozen, {}, {}, h, ctx, x)[0]
 
   g = jax.grad(lambda h: jnp.sum(out(h) ** 2))(head)
   for name in ('coda.p', 'coda.k', 'coda.a'):
@@ -182,12 +170,12 @@ def test_coda_p_trains_only_the_current_slice_and_ignores_later_ones(fm):
   np.testing.assert_array_equal(np.asarray(out(later)), np.asarray(out(head)))
 
 
-def test_coda_p_pool_sizes_are_hyperparameters(fm):
+def test_coda_p_pool_sizes_are_hyperparameters(small_fm):
   from lorm_jax.methods import METHODS
   assert METHODS['coda_p'].hyperparameters() == {'pool_size': 100, 'length': 8, 'layers': 5}
   m = make_method('coda_p', _config(**{'coda_p.pool_size': 10, 'coda_p.length': 4,
                                        'coda_p.layers': 1}))
-  p = fm.initial_params()
+  p = small_fm.initial_params()
   server = m.init_server(p, F.init_head(jax.random.key(0), D, 4), jax.random.key(1))
   head = server['head']
   assert head['coda.p'].shape == (1, 10, 4, D) and head['coda.k'].shape == (1, 10, D)
@@ -196,7 +184,7 @@ def test_coda_p_pool_sizes_are_hyperparameters(fm):
   assert np.all(k[5:] > 0) and not np.any(k[:5])
   ctx = m.forward_ctx(server, 1)
   np.testing.assert_array_equal(np.asarray(ctx['train']), [0] * 5 + [1] * 5)
-  _, feats = m.forward(fm, p.frozen, {}, {}, server['head'], ctx, _images())
+  _, feats = m.forward(small_fm, p.frozen, {}, {}, server['head'], ctx, small_images())
   assert feats.shape == (3, D) and np.all(np.isfinite(np.asarray(feats)))
   with pytest.raises(ValueError, match='coda_p.length must be even'):
     METHODS['coda_p'].validate(_config(**{'coda_p.length': 5}))
@@ -207,26 +195,26 @@ def test_coda_p_pool_sizes_are_hyperparameters(fm):
 # ---------------------------------------------------------------- PILoRA
 
 
-def _pilora(fm):
+def _pilora(small_fm):
   m = make_method('pilora', _config())
-  p = fm.initial_params()
+  p = small_fm.initial_params()
   return m, p, m.init_server(p, F.init_head(jax.random.key(0), D, 4), jax.random.key(1))
 
 
-def test_pilora_forward_is_the_product_of_sums_with_zero_k(fm):
-  m, p, server = _pilora(fm)
+def test_pilora_forward_is_the_product_of_sums_with_zero_k(small_fm):
+  m, p, server = _pilora(small_fm)
   server = {**server, 'b': {PI.LAYER: 0.1 * jnp.ones((2, 3 * D))}}
   server = m.begin_task(server, 1, jax.random.key(2))  # task 0's pieces join the sums
   a = server['a'][PI.LAYER]
   b = 0.2 * jax.random.normal(jax.random.key(3), (2, 3 * D))
   ctx = m.forward_ctx(server, 1)
-  logits, feats = m.forward(fm, p.frozen, {PI.LAYER: a}, {PI.LAYER: b}, server['head'], ctx,
-                            _images())
+  logits, feats = m.forward(small_fm, p.frozen, {PI.LAYER: a}, {PI.LAYER: b}, server['head'], ctx,
+                            small_images())
   mask = np.r_[np.ones(D), np.zeros(D), np.ones(D)]
   delta = np.asarray(a + ctx['a_old_sum']) @ (np.asarray(b + ctx['b_old_sum']) * mask)
-  la, lb = F.full_lora(fm, {}, {})
+  la, lb = F.full_lora(small_fm, {}, {})
   frozen = F.add_kernel_deltas(p.frozen, {PI.LAYER: jnp.asarray(delta, jnp.float32)})
-  want, _, _ = fm.apply(frozen, la, lb, server['head'], _images(), features_only=True)
+  want, _, _ = small_fm.apply(frozen, la, lb, server['head'], small_images(), features_only=True)
   np.testing.assert_allclose(np.asarray(feats), np.asarray(want), rtol=1e-4, atol=1e-4)
   protos = np.asarray(server['head']['proto'], np.float64)
   f64 = np.asarray(feats, np.float64)
@@ -234,15 +222,15 @@ def test_pilora_forward_is_the_product_of_sums_with_zero_k(fm):
   np.testing.assert_allclose(np.asarray(logits), -d, rtol=1e-4, atol=1e-4)
 
 
-def test_pilora_loss_freezes_k_and_old_prototypes(fm):
+def test_pilora_loss_freezes_k_and_old_prototypes(small_fm):
   from lorm_jax.federated import client
-  m, p, server = _pilora(fm)
+  m, p, server = _pilora(small_fm)
   server = m.begin_task(server, 1, jax.random.key(2))
   params = {'a': server['a'], 'b': server['b'], 'head': server['head']}
   ctx, aux = m.forward_ctx(server, 1), m.train_aux(server, 1)
   cm = jnp.array([False, False, True, True])
-  x, y, w = _images(4), jnp.array([2, 3, 2, 3]), jnp.ones(4)
-  forward = client.bind_forward(m.forward, fm, p.frozen, ctx)
+  x, y, w = small_images(4), jnp.array([2, 3, 2, 3]), jnp.ones(4)
+  forward = client.bind_forward(m.forward, small_fm, p.frozen, ctx)
 
   def loss(theta):
     logits, feats = forward(theta['a'], theta['b'], theta['head'], x)

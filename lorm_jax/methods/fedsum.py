@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 
 from lorm_jax import rng
-from lorm_jax.methods.base import ClientResults, Method, Server
-from lorm_jax.methods.interface import LocalSpec
+from lorm_jax.methods.base import ClientResults, Server
+from lorm_jax.methods.regmean import FreshLoRAOnDelta
 from lorm_jax.models import functional as F
 
 
@@ -63,21 +63,10 @@ def summed_task_vectors(a: F.Flat, b: F.Flat, head: F.Flat, server_head: F.Flat,
 
 
 @dataclasses.dataclass
-class TaskVectorMerge(Method):
+class TaskVectorMerge(FreshLoRAOnDelta):
   """Fresh LoRA per round on W0 + D; the server merges the clients' task
   vectors (`merge_task_vectors`) into D and the head. Not registered itself."""
   name: ClassVar[str] = 'task_vector_merge'
-
-  def init_extra(self, params: F.Params) -> dict:
-    return {'D': {k: jnp.zeros((params.a[k].shape[0], params.b[k].shape[1])) for k in params.a}}
-
-  def local_spec(self, task: int, rnd: int) -> LocalSpec:
-    c = self.config
-    return LocalSpec(factors=('a', 'b'), lr_a=c.lr_a, lr_b=c.lr_b, lr_head=c.lr_head,
-                     weight_decay=c.weight_decay)
-
-  def train_deltas(self, server: Server, task: int) -> F.Flat:
-    return server['extra']['D']
 
   def merge_task_vectors(self, server: Server, results: ClientResults
                          ) -> tuple[F.Flat, F.Flat]:

@@ -58,12 +58,12 @@ def lowrank_regmean_system(a: F.Flat, b: F.Flat, grams: F.Flat, weights: jax.Arr
 
 
 @dataclasses.dataclass
-class RegMean(Method):
-  name: ClassVar[str] = 'regmean'
-
-  @property
-  def backbone_gram_mode(self) -> str:
-    return merge.gram_mode(self.config.alpha_backbone)
+class FreshLoRAOnDelta(Method):
+  """Clients train a fresh LoRA (a and b) and the head every round on top of
+  W0 + D, a running full-size delta per layer (server['extra']['D'], (in, out))
+  that the server's merge moves; clients download D. Not registered itself:
+  `regmean` merges into D by RegMean, `ties` and `fedsum` by task vectors."""
+  name: ClassVar[str] = 'fresh_lora_on_delta'
 
   def init_extra(self, params: F.Params) -> dict:
     return {'D': {k: jnp.zeros((params.a[k].shape[0], params.b[k].shape[1])) for k in params.a}}
@@ -75,6 +75,15 @@ class RegMean(Method):
 
   def train_deltas(self, server: Server, task: int) -> F.Flat:
     return server['extra']['D']
+
+
+@dataclasses.dataclass
+class RegMean(FreshLoRAOnDelta):
+  name: ClassVar[str] = 'regmean'
+
+  @property
+  def backbone_gram_mode(self) -> str:
+    return merge.gram_mode(self.config.alpha_backbone)
 
   def gram_request(self, task: int, rnd: int) -> GramRequest:
     return GramRequest(self.backbone_gram_mode, True)
