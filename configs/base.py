@@ -28,6 +28,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.download = True        # fetch missing pretrained weights (models/backbones.py)
   c.model.rank = 1
   c.model.dtype = 'float32'      # backbone compute dtype: float32 | bfloat16
+  c.model.adapter = 'lora'       # lora | vera | ia3 on qkv, proj, fc1, fc2 (docs/merging.md)
+  c.model.vera_rank = 256        # VeRA's r; its frozen projections are drawn from `seed`
 
   c.num_tasks = 10
   c.classes_per_task = 0         # 0 = num_classes / num_tasks

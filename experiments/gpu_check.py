@@ -185,9 +185,9 @@ def _server_programs(s, plans: dict, clients: int, sh) -> list[Program]:
   for rnd, kind in ((0, 'B'), (1, 'A')):
     request = plans[kind].gram
     grams = {} if request is None or request.backbone is None else {
-        k: jax.ShapeDtypeStruct((clients,) + ((v.shape[0],) if request.backbone == 'diag'
-                                              else (v.shape[0],) * 2), jnp.float32, sharding=sh)
-        for k, v in srv['a'].items()}
+        k: jax.ShapeDtypeStruct((clients,) + ((n,) if request.backbone == 'diag' else (n, n)),
+                                jnp.float32, sharding=sh)
+        for k, n in model.layer_inputs.items() if k in srv['b']}
     head_grams = (jax.ShapeDtypeStruct((clients, model.cfg.width, model.cfg.width), jnp.float32,
                                        sharding=sh) if request is not None and request.head
                   else None)
@@ -209,9 +209,9 @@ def _server_programs(s, plans: dict, clients: int, sh) -> list[Program]:
                        'the server\'s factors', lambda: runner._call.lower(
                            fn, dict(frozen=s.params.frozen, images=images, **lora), per_client),
                        clients))
-    task_grams = {k: jax.ShapeDtypeStruct((v.shape[0],) if end_request.backbone == 'diag'
-                                          else (v.shape[0],) * 2, jnp.float32, sharding=sh)
-                  for k, v in srv['a'].items()}
+    task_grams = {k: jax.ShapeDtypeStruct((n,) if end_request.backbone == 'diag' else (n, n),
+                                          jnp.float32, sharding=sh)
+                  for k, n in model.layer_inputs.items() if k in srv['b']}
     end_fn = jax.jit(lambda sv, g: method.end_task(sv, t, g))
     out.append(Program('cross_task_merge', 'method.end_task',
                        lambda: end_fn.lower(srv, task_grams), 1))

@@ -190,7 +190,7 @@ def gram_pass(model: FunctionalViT, preprocess: Preprocess, gram_mode: str | Non
               head_gram: bool, half_batches: bool = False, *, frozen: Flat, a: Flat, b: Flat,
               head: Flat, images: jax.Array, idx: jax.Array, mask: jax.Array, key: jax.Array,
               ) -> tuple[Flat, jax.Array | None]:
-  """Sums the Grams of every LoRA layer's input over a client's batches.
+  """Sums the Grams of every adapted layer's input over a client's batches.
 
   One forward per batch (S, B) with the given model; all tokens; padded
   samples weigh 0. Returns ({layer: (in,) or (in, in)}, head Gram (D, D)).
@@ -198,11 +198,12 @@ def gram_pass(model: FunctionalViT, preprocess: Preprocess, gram_mode: str | Non
   d = model.cfg.width
   frozen = model.compute_view(frozen)
 
-  def zeros_for(name):
-    n = a[name].shape[0]
+  def zeros(n):
     return jnp.zeros((n,) if gram_mode == 'diag' else (n, n), jnp.float32)
 
-  init = ({k: zeros_for(k) for k in a} if gram_mode else {},
+  # the adapted layers among those the factors hold (b's keys: (IA)^3 has no a)
+  inputs = {k: n for k, n in model.layer_inputs.items() if k in b}
+  init = ({k: zeros(n) for k, n in inputs.items()} if gram_mode else {},
           jnp.zeros((d, d), jnp.float32) if head_gram else None)
 
   def accumulate(carry, smp):

@@ -22,7 +22,7 @@ from ml_collections import ConfigDict
 from lorm_jax import checkpointing, methods, metric_writers
 from lorm_jax.data import acquire, augment, dataset as dataset_lib, partition, registry
 from lorm_jax.errors import ConfigError
-from lorm_jax.models import backbones, functional as F, pretrained, vit
+from lorm_jax.models import adapters, backbones, functional as F, pretrained, vit
 
 
 def validate_config(c: ConfigDict) -> None:
@@ -33,6 +33,7 @@ def validate_config(c: ConfigDict) -> None:
   _check_counts(c)
   _check_rates(c)
   try:
+    adapters.check_config(c, methods.METHODS[c.method])
     methods.METHODS[c.method].validate(c)
   except ValueError as e:
     raise ConfigError(str(e)) from None
@@ -235,8 +236,7 @@ class Experiment:
 
 def build_model(c: ConfigDict, num_classes: int) -> vit.ViT:
   """The ViT of config.model with its pretrained weights loaded (or random)."""
-  cfg = vit.architecture(c.model.name, image_size=c.image_size, num_classes=num_classes,
-                         lora_rank=c.model.rank, dtype=c.model.dtype)
+  cfg = vit.run_architecture(c, num_classes)
   try:
     cfg.validate()
   except ValueError as e:

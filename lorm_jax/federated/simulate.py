@@ -142,8 +142,8 @@ def comm_bytes_per_client(server: dict, rplan: interface.RoundPlan, model: F.Fun
   request = rplan.gram
   if request is not None:
     if request.backbone is not None:
-      up += sum(4 * (a.shape[0] if request.backbone == 'diag' else a.shape[0] ** 2)
-                for a in server['a'].values())
+      up += sum(4 * (n if request.backbone == 'diag' else n ** 2)
+                for k, n in model.layer_inputs.items() if k in server['b'])
     if request.head:
       up += 4 * model.cfg.width ** 2
   return up, down

@@ -389,8 +389,7 @@ def run_shapes(c: ConfigDict, data: DataShapes | None = None) -> Shapes:
   loaded or allocated."""
   facts = registry.facts(c.dataset.name)
   k = facts.num_classes
-  cfg = vit.architecture(c.model.name, image_size=c.image_size, num_classes=k,
-                         lora_rank=c.model.rank, dtype=c.model.dtype)
+  cfg = vit.run_architecture(c, k)
   model = F.FunctionalViT(nnx.eval_shape(lambda: vit.ViT(cfg, rngs=nnx.Rngs(0))))
   params = model.initial_params()
   method = methods.make_method(c.method, c)

@@ -8,8 +8,13 @@ layers and checkpoint without NNX objects:
   b       {'blocks.0.attn.qkv': (r, out), ...}           LoRA b per layer
   head    {'kernel': (D, K), 'bias': (K,)}
 
+With another adapter (`vit.ViTConfig.adapter`, `adapters.ADAPTERS`) a and b
+hold its trained vectors (VeRA: d (r,), b (out,); (IA)^3: b of qkv and fc2
+only, a empty) and frozen also holds VeRA's projections,
+'adapter_projections.{in}x{out}.a' (in, r) and '.b' (r, out).
+
 `apply` rebuilds the module with `nnx.merge` (trace-time only under jit) and
-returns the logits plus the Grams sown by the layers, keyed like `a`.
+returns the logits plus the Grams sown by the adapted layers, keyed by layer.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lorm_jax.models import lora, vit
+from lorm_jax.models import adapters, lora, vit
 
 Flat = dict[str, jax.Array]
 
@@ -91,10 +96,29 @@ class FunctionalViT:
     self.graphdef, *states = nnx.split(model, *(p.kind for p in _PARTS.values()))
     self._templates = {name: _Template(part, list(nnx.to_flat_state(st)))
                        for (name, part), st in zip(_PARTS.items(), states)}
-    self._initial = Params(**{name: self._flat(name, st) for name, st in zip(_PARTS, states)})
+    initial = {name: self._flat(name, st) for name, st in zip(_PARTS, states)}
+    initial['frozen'] = self._with_projections(initial['frozen'])
+    self._initial = Params(**initial)
+    self._layers = sorted(_key(path) for path, node in nnx.iter_graph(model)
+                          if isinstance(node, lora.LoRALinear))
     self._view = None
     if jnp.dtype(self.cfg.dtype) != jnp.float32:
       self._view = self._view_template(model)
+
+  def _with_projections(self, frozen: Flat) -> Flat:
+    """frozen with VeRA's projections drawn from the config (a function of
+    (vera_seed, in, out, r)): a model whose parameters were filled from a
+    checkpoint, which holds none, gets them as a randomly initialised one
+    does. Shapes only (jax.ShapeDtypeStruct) stay as they are."""
+    cfg = self.cfg
+    pairs = adapters.get(cfg.adapter).projections(cfg.layer_shapes().values(), cfg.vera_rank,
+                                                  cfg.vera_seed)
+    if not pairs or any(isinstance(v, jax.ShapeDtypeStruct) for v in frozen.values()):
+      return frozen
+    out = dict(frozen)
+    for shape, values in pairs.items():
+      out.update(zip(adapters.projection_keys(*shape), values))
+    return out
 
   def _flat(self, name: str, state: nnx.State) -> Flat:
     key = self._templates[name].part.key
@@ -116,8 +140,20 @@ class FunctionalViT:
 
   @property
   def layer_names(self) -> list[str]:
-    """LoRA-adapted layers, e.g. 'blocks.0.attn.qkv' (sorted)."""
-    return sorted(self._initial.a)
+    """Every block linear layer, e.g. 'blocks.0.attn.qkv' (sorted): the
+    layers an adapter may adapt, each with a kernel_t slot."""
+    return list(self._layers)
+
+  @property
+  def adapter(self) -> adapters.AdapterSpec:
+    return adapters.get(self.cfg.adapter)
+
+  @property
+  def layer_inputs(self) -> dict[str, int]:
+    """{layer: in} of the adapted layers (for LoRA every layer): the layers
+    that sow their input's Gram, and its side."""
+    frozen = self._initial.frozen
+    return {k: int(frozen[kernel_key(k)].shape[0]) for k in sorted(self._initial.b)}
 
   def initial_params(self) -> Params:
     return self._initial
@@ -186,11 +222,13 @@ class FunctionalViT:
 
 
 def full_lora(model: FunctionalViT, a: Flat, b: Flat) -> tuple[Flat, Flat]:
-  """a, b completed to every adapted layer, with a zero b where a method keeps
-  no LoRA (prompt methods keep none, PILoRA one); the model needs them all."""
+  """a, b completed to every adapted layer, with a zero a and the adapter's
+  neutral b (LoRA: zero) where a method keeps no LoRA (prompt methods keep
+  none, PILoRA one); the model needs them all."""
   init = model.initial_params()
+  neutral = model.adapter.neutral_b(init.b)
   a = {k: a[k] if k in a else jnp.zeros_like(v) for k, v in init.a.items()}
-  b = {k: b[k] if k in b else jnp.zeros_like(v) for k, v in init.b.items()}
+  b = {k: b[k] if k in b else neutral[k] for k in init.b}
   return a, b
 
 
@@ -225,10 +263,6 @@ def init_head(key: jax.Array, width: int, num_classes: int) -> Flat:
 
 
 def init_lora(key: jax.Array, a: Flat, b: Flat) -> tuple[Flat, Flat]:
-  """Fresh LoRA: a ~ U(-1/sqrt(in), 1/sqrt(in)) per layer (key folded by layer index), b = 0."""
-  new_a = {}
-  for i, name in enumerate(sorted(a)):
-    x = a[name]
-    bound = 1.0 / jnp.sqrt(x.shape[0])
-    new_a[name] = jax.random.uniform(jax.random.fold_in(key, i), x.shape, x.dtype, -bound, bound)
-  return new_a, {k: jnp.zeros_like(v) for k, v in b.items()}
+  """Fresh LoRA: a ~ U(-1/sqrt(in), 1/sqrt(in)) per layer (key folded by layer
+  index), b = 0 (`adapters.ADAPTERS['lora'].fresh`; other adapters: their row's)."""
+  return adapters.get('lora').fresh(key, a, b)

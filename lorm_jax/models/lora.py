@@ -1,10 +1,13 @@
-"""LoRA on a frozen linear layer: y = x @ (W0 + a @ b) + bias, trained through a and b.
+"""A frozen linear layer with an adapter: y = x @ (W0 + dW) + bias, trained through dW's vectors.
 
-Variable types keep the parts separable (`nnx.split` by type): the frozen
-kernel and bias are nnx.Param, the factors LoraA (in, r) and LoraB (r, out),
-and a Gram pass sows the layer input's Gram as a GramStat. Flax layout: the
-kernel is (in, out) and the adapted kernel W0 + a @ b, with no alpha/r
-scaling.
+The adapter is LoRA by default (dW = a @ b, no alpha/r scaling); VeRA and
+(IA)^3 are the other rows of `adapters.ADAPTERS`, which says what each layer
+holds and computes. Variable types keep the parts separable (`nnx.split` by
+type): the frozen kernel and bias are nnx.Param (VeRA's shared frozen
+projections a VeraProjection, also an nnx.Param), the trained values LoraA
+and LoraB (LoRA: a (in, r), b (r, out); VeRA: d (r,), b (out,); (IA)^3: its
+vector in LoraB), and a Gram pass sows the layer input's Gram as a GramStat.
+Flax layout: the kernel is (in, out).
 """
 from __future__ import annotations
 
@@ -16,16 +19,23 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lorm_jax import grams as grams_lib
+from lorm_jax.models import adapters
 
 GramMode = Literal['diag', 'full'] | None
 
 
 class LoraA(nnx.Variable):
-  """LoRA down-projection a, shape (in, r)."""
+  """The adapter's first slot: LoRA's a (in, r), VeRA's d (r,)."""
 
 
 class LoraB(nnx.Variable):
-  """LoRA up-projection b, shape (r, out)."""
+  """The adapter's second slot: LoRA's b (r, out), VeRA's b (out,), (IA)^3's vector."""
+
+
+class VeraProjection(nnx.Param):
+  """A frozen random VeRA projection (A (in, r) or B (r, out)), one per layer
+  shape, shared by the layers of that shape; part of the frozen backbone, never
+  trained nor sent, and no checkpoint parameter (`npz` loads exact nnx.Param only)."""
 
 
 class GramStat(nnx.Variable):
@@ -38,40 +48,58 @@ class KernelT(nnx.Variable):
 
 
 class LoRALinear(nnx.Module):
-  """y = x @ W0 + (x @ a) @ b + bias, with W0 (in, out) frozen.
+  """y = x @ W0 + adapter(x) + bias, with W0 (in, out) frozen.
 
-  a is initialised U(-1/sqrt(in), 1/sqrt(in)) and b = 0, so a fresh layer
-  computes exactly x @ W0 + bias.
+  LoRA: a initialised U(-1/sqrt(in), 1/sqrt(in)) and b = 0; every adapter
+  starts at dW = 0, so a fresh layer computes exactly x @ W0 + bias. `kind`
+  ('qkv', 'proj', 'fc1', 'fc2') says whether and how the adapter adapts the
+  layer; an unadapted one holds no trained values and sows no Gram.
+  `projections`: VeRA's shared (A, B) VeraProjection pair of this shape.
   """
 
   def __init__(self, in_features: int, out_features: int, rank: int, *,
-               dtype: str, rngs: nnx.Rngs):
-    bound = 1.0 / math.sqrt(in_features)
+               dtype: str, rngs: nnx.Rngs, adapter: str = 'lora', kind: str = '',
+               projections: tuple[VeraProjection, VeraProjection] | None = None):
+    spec = adapters.get(adapter)
     self.kernel = nnx.Param(jax.random.normal(rngs.params(), (in_features, out_features))
                             * (1.0 / math.sqrt(in_features)))
     self.bias = nnx.Param(jnp.zeros((out_features,)))
-    self.lora_a = LoraA(jax.random.uniform(rngs.params(), (in_features, rank),
-                                           minval=-bound, maxval=bound))
-    self.lora_b = LoraB(jnp.zeros((rank, out_features)))
+    # Every adapter draws the key LoRA's a is drawn from, so the backbone's
+    # random init is the same whichever adapter the model holds.
+    a, b = spec.layer_init(kind, in_features, out_features, rank, rngs.params())
+    self.lora_a = LoraA(a) if a is not None else None
+    self.lora_b = LoraB(b) if b is not None else None
+    self.vera_a, self.vera_b = projections if projections is not None else (None, None)
     # The compute view's transposed kernel (out, in) in the compute dtype
     # (`functional.FunctionalViT.compute_view`); None: derived from the kernel here.
     self.kernel_t: KernelT | None = nnx.data(None)
     self.dtype = dtype
+    self.adapter = adapter
+    self.kind = kind
+    self.adapted = b is not None
 
   def __call__(self, x: jax.Array, gram_mode: GramMode = None,
                sample_weights: jax.Array | None = None) -> jax.Array:
-    if gram_mode == 'diag':
+    if self.adapted and gram_mode == 'diag':
       self.gram = GramStat(grams_lib.gram_diag(x, sample_weights))
-    elif gram_mode == 'full':
+    elif self.adapted and gram_mode == 'full':
       self.gram = GramStat(grams_lib.gram_full(x, sample_weights))
+    dt = jnp.dtype(self.dtype)
+    low_rank = lambda v, a, b: lora_product(v.astype(dt), a.astype(dt), b.astype(dt))
+    get = lambda var: None if var is None else var[...]
+    proj = None if self.vera_a is None else (self.vera_a[...], self.vera_b[...])
+    y = adapters.get(self.adapter).forward(self.kind, x, self._dot, low_rank, get(self.lora_a),
+                                           get(self.lora_b), proj)
+    return y + self.bias[...]
+
+  def _dot(self, x: jax.Array) -> jax.Array:
+    """x (..., in) @ W0 in the compute dtype, summed and returned in float32."""
     dt = jnp.dtype(self.dtype)
     w = self.kernel[...].astype(dt)
     if dt == jnp.float32:
-      y = jnp.dot(x, w, preferred_element_type=jnp.float32)
-    else:  # the transposed kernel of a compute view (already dt), else derived here (slower on CPU)
-      y = low_precision_dot(x, w, w.T if self.kernel_t is None else self.kernel_t[...])
-    y = y + lora_product(x.astype(dt), self.lora_a[...].astype(dt), self.lora_b[...].astype(dt))
-    return y + self.bias[...]
+      return jnp.dot(x, w, preferred_element_type=jnp.float32)
+    # the transposed kernel of a compute view (already dt), else derived here (slower on CPU)
+    return low_precision_dot(x, w, w.T if self.kernel_t is None else self.kernel_t[...])
 
 
 @jax.custom_vjp

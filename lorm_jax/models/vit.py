@@ -16,6 +16,12 @@ so `nnx.split(model, nnx.Param, LoraA, LoraB, HeadParam)` gives the frozen
 part and the per-client trainable parts (the LoRA layer and its variable
 types live in `lora.py`). All kernels use the Flax layout (in, out); the
 adapted kernel is W0 + a @ b with no alpha/r scaling.
+
+`ViTConfig.adapter` ('lora' | 'vera' | 'ia3') swaps LoRA for another adapter
+on the same layers (`adapters.ADAPTERS`): VeRA keeps d in LoraA and b in
+LoraB, with its frozen projections under `adapter_projections` (nnx.Param,
+one pair per layer shape, shared by the layers); (IA)^3 keeps its vectors
+in LoraB of qkv and fc2 and no LoraA.
 """
 from __future__ import annotations
 
@@ -29,7 +35,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lorm_jax import grams as grams_lib
-from lorm_jax.models.lora import GramMode, GramStat, LoRALinear, LoraA, LoraB
+from lorm_jax.models import adapters
+from lorm_jax.models.lora import (GramMode, GramStat, LoRALinear, LoraA, LoraB,
+                                  VeraProjection)
 
 
 class HeadParam(nnx.Variable):
@@ -70,6 +78,9 @@ class ViTConfig:
   ln_eps: float = 1e-6
   gelu_approximate: bool = False
   dtype: str = 'float32'  # compute dtype of the backbone matmuls
+  adapter: str = 'lora'   # lora | vera | ia3 (adapters.ADAPTERS)
+  vera_rank: int = adapters.VERA_RANK  # VeRA's r (its projections' inner size)
+  vera_seed: int = 0      # VeRA's projections are a function of (vera_seed, in, out, r)
 
   @property
   def grid(self) -> int:
@@ -87,6 +98,18 @@ class ViTConfig:
       raise ValueError(f'width {self.width} not divisible by num_heads {self.num_heads}')
     if self.lora_rank < 1:
       raise ValueError(f'lora_rank must be >= 1, got {self.lora_rank}')
+    adapters.get(self.adapter)
+    if self.vera_rank < 1:
+      raise ValueError(f'vera_rank must be >= 1, got {self.vera_rank}')
+
+  @property
+  def adapter_rank(self) -> int:
+    """The rank the adapter's layers are built with (its `rank_field`)."""
+    return getattr(self, adapters.get(self.adapter).rank_field)
+
+  def layer_shapes(self) -> dict[str, tuple[int, int]]:
+    """(in, out) of each block's adapted-layer kinds: qkv, proj, fc1, fc2."""
+    return adapters.vit_layer_shapes(self.width, self.mlp_dim)
 
 
 def architecture(name: str, **overrides) -> ViTConfig:
@@ -94,6 +117,18 @@ def architecture(name: str, **overrides) -> ViTConfig:
   set (image_size, num_classes, lora_rank, dtype, ...); unknown name -> ValueError."""
   from lorm_jax.models import backbones  # pylint: disable=import-outside-toplevel
   return ViTConfig(**{**backbones.get(name).architecture, **overrides})
+
+
+def run_architecture(c, num_classes: int) -> ViTConfig:
+  """The ViTConfig of a run's config c (an ml_collections ConfigDict):
+  config.model's backbone, rank, dtype and adapter (VeRA's projections drawn
+  from config.seed), at config.image_size with num_classes outputs."""
+  model = c.model
+  return architecture(model.name, image_size=c.image_size, num_classes=num_classes,
+                      lora_rank=model.rank, dtype=model.dtype,
+                      adapter=adapters.config_adapter(c),
+                      vera_rank=getattr(model, 'vera_rank', adapters.VERA_RANK),
+                      vera_seed=c.seed)
 
 
 def lora_param_count(cfg: ViTConfig) -> int:
@@ -185,13 +220,24 @@ class LayerNorm(nnx.Module):
     return (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
 
 
+Projections = dict[tuple[int, int], tuple[VeraProjection, VeraProjection]]
+
+
+def adapted_linear(cfg: ViTConfig, kind: str, rngs: nnx.Rngs,
+                   projections: Projections | None = None) -> LoRALinear:
+  """The block's `kind` layer ('qkv', 'proj', 'fc1', 'fc2') with cfg's adapter;
+  projections: VeRA's shared pairs by layer shape (`ViT.__init__`)."""
+  n, o = cfg.layer_shapes()[kind]
+  return LoRALinear(n, o, cfg.adapter_rank, dtype=cfg.dtype, rngs=rngs, adapter=cfg.adapter,
+                    kind=kind, projections=(projections or {}).get((n, o)))
+
+
 class Attention(nnx.Module):
-  def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
-    d = cfg.width
+  def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs, projections: Projections | None = None):
     self.num_heads = cfg.num_heads
     self.dtype = cfg.dtype
-    self.qkv = LoRALinear(d, 3 * d, cfg.lora_rank, dtype=cfg.dtype, rngs=rngs)
-    self.proj = LoRALinear(d, d, cfg.lora_rank, dtype=cfg.dtype, rngs=rngs)
+    self.qkv = adapted_linear(cfg, 'qkv', rngs, projections)
+    self.proj = adapted_linear(cfg, 'proj', rngs, projections)
 
   def __call__(self, x, gram_mode=None, sample_weights=None, prefix=None):
     """x (B, N, D); prefix: optional (key (B, Lk, D), value (B, Lv, D)) prepended
@@ -238,9 +284,9 @@ def _attention_head_major(q, k, v):
 
 
 class Mlp(nnx.Module):
-  def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
-    self.fc1 = LoRALinear(cfg.width, cfg.mlp_dim, cfg.lora_rank, dtype=cfg.dtype, rngs=rngs)
-    self.fc2 = LoRALinear(cfg.mlp_dim, cfg.width, cfg.lora_rank, dtype=cfg.dtype, rngs=rngs)
+  def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs, projections: Projections | None = None):
+    self.fc1 = adapted_linear(cfg, 'fc1', rngs, projections)
+    self.fc2 = adapted_linear(cfg, 'fc2', rngs, projections)
     self.approximate = cfg.gelu_approximate
 
   def __call__(self, x, gram_mode=None, sample_weights=None):
@@ -251,11 +297,11 @@ class Mlp(nnx.Module):
 class Block(nnx.Module):
   """Pre-norm transformer block: x + ls1*attn(ln1(x)); x + ls2*mlp(ln2(x))."""
 
-  def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs, projections: Projections | None = None):
     self.norm1 = LayerNorm(cfg.width, cfg.ln_eps)
-    self.attn = Attention(cfg, rngs=rngs)
+    self.attn = Attention(cfg, rngs=rngs, projections=projections)
     self.norm2 = LayerNorm(cfg.width, cfg.ln_eps)
-    self.mlp = Mlp(cfg, rngs=rngs)
+    self.mlp = Mlp(cfg, rngs=rngs, projections=projections)
     if cfg.layerscale:
       self.ls1 = nnx.Param(jnp.ones((cfg.width,)))
       self.ls2 = nnx.Param(jnp.ones((cfg.width,)))
@@ -301,9 +347,25 @@ class ViT(nnx.Module):
     self.patch_bias = nnx.Param(jnp.zeros((d,)))
     self.cls_token = nnx.Param(jnp.zeros((1, 1, d)))
     self.pos_embed = nnx.Param(jax.random.normal(rngs.params(), (1, cfg.num_tokens, d)) * 0.02)
-    self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
+    projections = self._projections(cfg)
+    self.blocks = nnx.List([Block(cfg, rngs=rngs, projections=projections)
+                            for _ in range(cfg.depth)])
     self.norm = LayerNorm(d, cfg.ln_eps)
     self.head = Head(d, cfg.num_classes)
+
+  def _projections(self, cfg: ViTConfig) -> Projections:
+    """VeRA's frozen pairs, one per layer shape, drawn from cfg.vera_seed (none
+    for the other adapters). They live here as `adapter_projections.{in}x{out}`
+    and every layer of that shape holds the same variables, so the frozen dict
+    has each pair once, under this name (it sorts before 'blocks')."""
+    pairs = adapters.get(cfg.adapter).projections(cfg.layer_shapes().values(), cfg.vera_rank,
+                                                  cfg.vera_seed)
+    if not pairs:
+      return {}
+    out = {s: (VeraProjection(a), VeraProjection(b)) for s, (a, b) in pairs.items()}
+    self.adapter_projections = nnx.Dict({f'{n}x{o}': nnx.Dict({'a': a, 'b': b})
+                                         for (n, o), (a, b) in out.items()})
+    return out
 
   def embed(self, images: jax.Array, prompting: Prompting | None = None) -> jax.Array:
     """(B, H, W, 3) -> tokens (B, 1 [+ P] + grid^2, D): patchify as a matmul."""
