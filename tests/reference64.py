@@ -1,5 +1,6 @@
-"""Float64 references shared by the merge tests: the regularised Grams, a
-square root of a PSD Gram, and sample weights, all in numpy float64."""
+"""Shared by the merge tests: float64 references (the regularised Grams, a
+square root of a PSD Gram, sample weights, relative errors) and the random
+problems they are checked on (client Grams, factors, weights, float32)."""
 from __future__ import annotations
 
 import numpy as np
@@ -27,3 +28,30 @@ def root64(gt: np.ndarray) -> np.ndarray:
 def weights64(weights: np.ndarray | None, c: int) -> np.ndarray:
   """Per-client weights as float64; None: all ones."""
   return np.ones(c) if weights is None else np.asarray(weights, np.float64)
+
+
+def rel_err(x, ref: np.ndarray) -> float:
+  """||x - ref|| / ||ref|| in float64."""
+  x = np.asarray(x, np.float64)
+  return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def rand_grams(rng: np.random.Generator, c: int, n: int, full: bool = True,
+          rows: int | None = None) -> np.ndarray:
+  """Well-conditioned client Grams X_i^T X_i, (C, n, n) float32 (or diagonals
+  (C, n)), each X_i of `rows` (default 3 n) rows with scaled features."""
+  rows = rows or 3 * n
+  out = []
+  for _ in range(c):
+    x = rng.normal(size=(rows, n)).astype(np.float32)
+    x *= rng.uniform(0.5, 2.0, size=n).astype(np.float32)  # feature scales
+    out.append(x.T @ x if full else np.sum(x * x, axis=0))
+  return np.stack(out) * np.float32(rng.uniform(0.5, 4.0))
+
+
+def rand_normal(rng: np.random.Generator, *shape: int) -> np.ndarray:
+  return rng.normal(size=shape).astype(np.float32)
+
+
+def rand_weights(rng: np.random.Generator, c: int) -> np.ndarray:
+  return rng.uniform(0.2, 3.0, size=c).astype(np.float32)

@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from reference64 import reg_grams64, root64, weights64
+from reference64 import (rand_grams, rand_normal, rand_weights, reg_grams64, rel_err, root64,
+                         weights64)
 
 from lorm_jax import merge as M
 
@@ -46,35 +47,10 @@ def _ref_merge_b(b: np.ndarray, a: np.ndarray, grams: np.ndarray, alpha: float,
   return _lstsq_stacked(ys, [y @ bi for y, bi in zip(ys, bs)])
 
 
-def _rel(x: jax.Array | np.ndarray, ref: np.ndarray) -> float:
-  x = np.asarray(x, np.float64)
-  return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
-
-
 # ------------------------------------------------------------- problems
 # Most tests share one small shape (C, N, R, O) so that the jitted functions
 # compile once per (shape, alpha) and the file stays fast.
 C, N, R, O = 4, 48, 4, 24
-
-
-def _grams(rng: np.random.Generator, c: int, n: int, full: bool = True,
-           rows: int | None = None) -> np.ndarray:
-  """Well-conditioned client Grams X_i^T X_i, (C, n, n) float32 (or diagonals)."""
-  rows = rows or 3 * n
-  out = []
-  for _ in range(c):
-    x = rng.normal(size=(rows, n)).astype(np.float32)
-    x *= rng.uniform(0.5, 2.0, size=n).astype(np.float32)  # feature scales
-    out.append(x.T @ x if full else np.sum(x * x, axis=0))
-  return np.stack(out) * np.float32(rng.uniform(0.5, 4.0))
-
-
-def _normal(rng: np.random.Generator, *shape: int) -> np.ndarray:
-  return rng.normal(size=shape).astype(np.float32)
-
-
-def _weights(rng: np.random.Generator, c: int) -> np.ndarray:
-  return rng.uniform(0.2, 3.0, size=c).astype(np.float32)
 
 
 # (alpha, rank, in, out of b, out of the regmean kernel, clients, weighted).
@@ -94,10 +70,10 @@ CASES = [
 def problem(request: pytest.FixtureRequest) -> dict:
   alpha, r, n, o, ok, c, weighted = request.param
   rng = np.random.default_rng(sum(map(hash, request.param)) % 2**32)
-  grams = _grams(rng, c, n, full=alpha > 0 or c > 8)
-  a, k = _normal(rng, c, n, r), _normal(rng, c, n, ok) * 0.1
-  b, a0 = _normal(rng, c, r, o), _normal(rng, n, r)
-  w = _weights(rng, c) if weighted else None
+  grams = rand_grams(rng, c, n, full=alpha > 0 or c > 8)
+  a, k = rand_normal(rng, c, n, r), rand_normal(rng, c, n, ok) * 0.1
+  b, a0 = rand_normal(rng, c, r, o), rand_normal(rng, n, r)
+  w = rand_weights(rng, c) if weighted else None
   # merge_a and regmean solve the same system: one lstsq for both.
   ref_ak = _ref_regmean(np.concatenate([a, k], axis=2), grams, alpha, w)
   return dict(alpha=alpha, grams=grams, a=a, k=k, b=b, a0=a0, w=w,
@@ -109,25 +85,25 @@ def test_merge_a_matches_float64(problem: dict) -> None:
   p = problem
   out = M.merge_a(p['a'], p['grams'], p['alpha'], p['w'])
   assert out.shape == p['a'].shape[1:] and out.dtype == jnp.float32
-  assert _rel(out, p['ref_a']) < 1e-4
+  assert rel_err(out, p['ref_a']) < 1e-4
   if p['a'].shape[0] == 1:  # a single client is a fixed point
-    assert _rel(out, p['a'][0]) < 1e-5
+    assert rel_err(out, p['a'][0]) < 1e-5
 
 
 def test_merge_b_matches_float64(problem: dict) -> None:
   p = problem
   out = M.merge_b(p['b'], p['a0'], p['grams'], p['alpha'], p['w'])
   assert out.shape == p['b'].shape[1:] and out.dtype == jnp.float32
-  assert _rel(out, p['ref_b']) < 1e-4
+  assert rel_err(out, p['ref_b']) < 1e-4
   if p['b'].shape[0] == 1:
-    assert _rel(out, p['b'][0]) < 1e-5
+    assert rel_err(out, p['b'][0]) < 1e-5
 
 
 def test_regmean_matches_float64(problem: dict) -> None:
   p = problem
   out = M.regmean(p['k'], p['grams'], p['alpha'], p['w'])
   assert out.shape == p['k'].shape[1:] and out.dtype == jnp.float32
-  assert _rel(out, p['ref_k']) < 1e-4
+  assert rel_err(out, p['ref_k']) < 1e-4
 
 
 # ------------------------------------------------------------ properties
@@ -136,18 +112,18 @@ def test_regmean_matches_float64(problem: dict) -> None:
 @pytest.mark.parametrize('alpha', [0.0, 0.3])
 def test_identical_clients_give_their_factor(alpha: float) -> None:
   rng = np.random.default_rng(3)
-  grams, w = _grams(rng, C, N), _weights(rng, C)
-  a, b = _normal(rng, N, R), _normal(rng, R, O)
-  k = _normal(rng, N, O)
+  grams, w = rand_grams(rng, C, N), rand_weights(rng, C)
+  a, b = rand_normal(rng, N, R), rand_normal(rng, R, O)
+  k = rand_normal(rng, N, O)
   same = lambda x: np.stack([x] * C)
-  assert _rel(M.merge_a(same(a), grams, alpha, w), a) < 1e-5
-  assert _rel(M.merge_b(same(b), a, grams, alpha, w), b) < 1e-5
-  assert _rel(M.regmean(same(k), grams, alpha, w), k) < 1e-5
+  assert rel_err(M.merge_a(same(a), grams, alpha, w), a) < 1e-5
+  assert rel_err(M.merge_b(same(b), a, grams, alpha, w), b) < 1e-5
+  assert rel_err(M.regmean(same(k), grams, alpha, w), k) < 1e-5
   # Only one client present (the others weigh 0): its own factors come back.
   w1 = np.array([0.0, 2.5, 0.0, 0.0], np.float32)
-  a_c, b_c = _normal(rng, C, N, R), _normal(rng, C, R, O)
-  assert _rel(M.merge_a(a_c, grams, alpha, w1), a_c[1]) < 1e-5
-  assert _rel(M.merge_b(b_c, a, grams, alpha, w1), b_c[1]) < 1e-5
+  a_c, b_c = rand_normal(rng, C, N, R), rand_normal(rng, C, R, O)
+  assert rel_err(M.merge_a(a_c, grams, alpha, w1), a_c[1]) < 1e-5
+  assert rel_err(M.merge_b(b_c, a, grams, alpha, w1), b_c[1]) < 1e-5
 
 
 def _tilde(grams: jax.Array, alpha: float) -> jax.Array:
@@ -158,10 +134,10 @@ def _tilde(grams: jax.Array, alpha: float) -> jax.Array:
 @pytest.mark.parametrize('alpha', [0.0, 0.3])
 def test_gradient_vanishes_at_merge(alpha: float) -> None:
   rng = np.random.default_rng(4)
-  grams = jnp.asarray(_grams(rng, C, N))
+  grams = jnp.asarray(rand_grams(rng, C, N))
   gt = _tilde(grams, alpha)
-  w = _weights(rng, C)
-  a, b, a0 = _normal(rng, C, N, R), _normal(rng, C, R, O), _normal(rng, N, R)
+  w = rand_weights(rng, C)
+  a, b, a0 = rand_normal(rng, C, N, R), rand_normal(rng, C, R, O), rand_normal(rng, N, R)
 
   def loss_a(am: jax.Array) -> jax.Array:  # sum_i w_i ||X_i (a_M - a_i)||^2
     d = am[None] - a
@@ -174,24 +150,24 @@ def test_gradient_vanishes_at_merge(alpha: float) -> None:
   for loss, merged in ((loss_a, M.merge_a(a, grams, alpha, w)),
                        (loss_b, M.merge_b(b, a0, grams, alpha, w))):
     g_at = jnp.linalg.norm(jax.grad(loss)(merged))
-    delta = jnp.asarray(_normal(rng, *merged.shape)) * jnp.std(merged)
+    delta = jnp.asarray(rand_normal(rng, *merged.shape)) * jnp.std(merged)
     g_off = jnp.linalg.norm(jax.grad(loss)(merged + delta))
     assert float(g_at / g_off) < 1e-4
 
 
 def test_diagonal_a_merge_is_weighted_row_average() -> None:
   rng = np.random.default_rng(5)
-  g = _grams(rng, C, N, full=False)
-  a, w = _normal(rng, C, N, R), _weights(rng, C)
+  g = rand_grams(rng, C, N, full=False)
+  a, w = rand_normal(rng, C, N, R), rand_weights(rng, C)
   wg = w[:, None].astype(np.float64) * g
   ref = np.einsum('ci,cir->ir', wg, a) / np.sum(wg, axis=0)[:, None]
-  assert _rel(M.merge_a(a, g, 0.0, w), ref) < 1e-5
+  assert rel_err(M.merge_a(a, g, 0.0, w), ref) < 1e-5
 
 
 def test_alpha_zero_uses_diagonal_of_full_grams() -> None:
   rng = np.random.default_rng(6)
-  grams, w = _grams(rng, C, N), _weights(rng, C)
-  a, b, a0 = _normal(rng, C, N, R), _normal(rng, C, R, O), _normal(rng, N, R)
+  grams, w = rand_grams(rng, C, N), rand_weights(rng, C)
+  a, b, a0 = rand_normal(rng, C, N, R), rand_normal(rng, C, R, O), rand_normal(rng, N, R)
   diag = np.diagonal(grams, axis1=1, axis2=2).copy()
   np.testing.assert_array_equal(M.merge_a(a, grams, 0.0, w),
                                 M.merge_a(a, diag, 0.0, w))
@@ -201,10 +177,10 @@ def test_alpha_zero_uses_diagonal_of_full_grams() -> None:
 
 def test_diagonal_fast_path_equals_full_path_on_diag_matrices() -> None:
   rng = np.random.default_rng(7)
-  diag = _grams(rng, C, N, full=False)
+  diag = rand_grams(rng, C, N, full=False)
   diag[:, 3] = 0.0  # a feature nobody sees
   mats = np.stack([np.diag(d) for d in diag])
-  a, b, a0 = _normal(rng, C, N, R), _normal(rng, C, R, O), _normal(rng, N, R)
+  a, b, a0 = rand_normal(rng, C, N, R), rand_normal(rng, C, R, O), rand_normal(rng, N, R)
   w = np.array([1.0, 0.0, 2.0, 0.5], np.float32)
   np.testing.assert_allclose(M.merge_a(a, mats, 0.3, w), M.merge_a(a, diag, 0.0, w),
                              rtol=2e-5, atol=1e-6)
@@ -224,46 +200,46 @@ def test_diagonal_grams_need_alpha_zero() -> None:
 @pytest.mark.parametrize('ridge', [1e-6, 0.0])
 def test_zero_feature_matches_pinv(alpha: float, ridge: float) -> None:
   rng = np.random.default_rng(8)
-  grams, w = _grams(rng, C, N), _weights(rng, C)
+  grams, w = rand_grams(rng, C, N), rand_weights(rng, C)
   grams[:, [5, 17], :] = 0.0
   grams[:, :, [5, 17]] = 0.0
-  a, k = _normal(rng, C, N, R), _normal(rng, C, N, O)
+  a, k = rand_normal(rng, C, N, R), rand_normal(rng, C, N, O)
   ref = _ref_regmean(np.concatenate([a, k], axis=2), grams, alpha, w)
   out, info = M.merge_a(a, grams, alpha, w, ridge=ridge, return_info=True)
   assert np.all(np.isfinite(out)) and int(info.nonfinite) == 0
-  assert _rel(out, ref[:, :R]) < 1e-4
+  assert rel_err(out, ref[:, :R]) < 1e-4
   np.testing.assert_allclose(np.asarray(out)[[5, 17]], 0.0, atol=1e-5)
   # ridge = 0 makes the Cholesky of the singular system fail: the
   # eigendecomposition fallback fires and still gives the pinv answer.
   assert int(info.fallbacks) == (1 if ridge == 0 else 0)
-  assert _rel(M.regmean(k, grams, alpha, w, ridge=ridge), ref[:, R:]) < 1e-4
+  assert rel_err(M.regmean(k, grams, alpha, w, ridge=ridge), ref[:, R:]) < 1e-4
 
 
 @pytest.mark.parametrize('alpha', [0.0, 0.3])
 def test_rank_deficient_a_matches_pinv(alpha: float) -> None:
   rng = np.random.default_rng(9)
-  grams, w = _grams(rng, C, N), _weights(rng, C)
-  a0 = _normal(rng, N, R)
+  grams, w = rand_grams(rng, C, N), rand_weights(rng, C)
+  a0 = rand_normal(rng, N, R)
   a0[:, 3] = a0[:, 0]  # duplicate column: a0^T G a0 singular
   a0[:, 2] = 0.0  # zero column
-  b = _normal(rng, C, R, O)
+  b = rand_normal(rng, C, R, O)
   ref = _ref_merge_b(b, a0, grams, alpha, w)
   out, info = M.merge_b(b, a0, grams, alpha, w, return_info=True)
   assert np.all(np.isfinite(out)) and int(info.nonfinite) == 0
   # Only a0 @ b_M is determined; the zero column's row is 0 as in pinv.
-  assert _rel(a0 @ np.asarray(out), a0 @ ref) < 1e-4
+  assert rel_err(a0 @ np.asarray(out), a0 @ ref) < 1e-4
   np.testing.assert_array_equal(np.asarray(out)[2], 0.0)
   out0, info0 = M.merge_b(b, a0, grams, alpha, w, ridge=0.0, return_info=True)
   assert int(info0.fallbacks) == 1 and np.all(np.isfinite(out0))
-  assert _rel(a0 @ np.asarray(out0), a0 @ ref) < 1e-4
-  assert _rel(out0, ref) < 1e-4  # the pinv answer itself, null space included
+  assert rel_err(a0 @ np.asarray(out0), a0 @ ref) < 1e-4
+  assert rel_err(out0, ref) < 1e-4  # the pinv answer itself, null space included
 
 
 @pytest.mark.parametrize('alpha', [0.0, 0.3])
 def test_absent_and_empty_clients_drop_out(alpha: float) -> None:
   rng = np.random.default_rng(10)
-  grams = _grams(rng, C, N)
-  a, b, a0 = _normal(rng, C, N, R), _normal(rng, C, R, O), _normal(rng, N, R)
+  grams = rand_grams(rng, C, N)
+  a, b, a0 = rand_normal(rng, C, N, R), rand_normal(rng, C, R, O), rand_normal(rng, N, R)
   w = np.array([2.0, 0.0, 1.0, 1.0], np.float32)
   grams[3] = 0.0  # a client with no data
   a[1], b[1], grams[1] = np.nan, np.nan, np.nan  # absent client: garbage
@@ -271,13 +247,13 @@ def test_absent_and_empty_clients_drop_out(alpha: float) -> None:
   out_a = M.merge_a(a, grams, alpha, w)
   out_b = M.merge_b(b, a0, grams, alpha, w)
   assert np.all(np.isfinite(out_a)) and np.all(np.isfinite(out_b))
-  assert _rel(out_a, _ref_regmean(a[keep], grams[keep], alpha, w[keep])) < 1e-4
-  assert _rel(out_b, _ref_merge_b(b[keep], a0, grams[keep], alpha, w[keep])) < 1e-4
+  assert rel_err(out_a, _ref_regmean(a[keep], grams[keep], alpha, w[keep])) < 1e-4
+  assert rel_err(out_b, _ref_merge_b(b[keep], a0, grams[keep], alpha, w[keep])) < 1e-4
 
 
 def test_all_zero_system_gives_zero() -> None:
   rng = np.random.default_rng(11)
-  a, b, w = _normal(rng, C, N, R), _normal(rng, C, R, O), _weights(rng, C)
+  a, b, w = rand_normal(rng, C, N, R), rand_normal(rng, C, R, O), rand_weights(rng, C)
   for alpha, grams in ((0.0, np.zeros((C, N), np.float32)),
                        (0.3, np.zeros((C, N, N), np.float32))):
     out, info = M.merge_a(a, grams, alpha, w, return_info=True)
@@ -290,7 +266,7 @@ def test_all_zero_system_gives_zero() -> None:
 
 def test_nonfinite_input_is_reported() -> None:
   rng = np.random.default_rng(12)
-  grams, a, w = _grams(rng, C, N), _normal(rng, C, N, R), _weights(rng, C)
+  grams, a, w = rand_grams(rng, C, N), rand_normal(rng, C, N, R), rand_weights(rng, C)
   a[0, 3, 1] = np.inf
   for alpha in (0.0, 0.3):
     _, info = M.merge_a(a, grams, alpha, w, return_info=True)
@@ -303,26 +279,26 @@ def test_nonfinite_input_is_reported() -> None:
 @pytest.mark.parametrize('diagonal', [False, True])
 def test_solve_psd(diagonal: bool) -> None:
   rng = np.random.default_rng(13)
-  g = _grams(rng, 1, N, full=not diagonal)[0]
-  rhs = _normal(rng, N, R)
+  g = rand_grams(rng, 1, N, full=not diagonal)[0]
+  rhs = rand_normal(rng, N, R)
   g64 = np.diag(g.astype(np.float64)) if diagonal else g.astype(np.float64)
   x, info = M.solve_psd(g, rhs, return_info=True)
   assert x.dtype == jnp.float32 and int(info.fallbacks) == 0
-  assert _rel(x, np.linalg.solve(g64, rhs)) < 1e-4
-  assert _rel(M.solve_psd(g, rhs[:, 0]), np.linalg.solve(g64, rhs[:, 0])) < 1e-4
+  assert rel_err(x, np.linalg.solve(g64, rhs)) < 1e-4
+  assert rel_err(M.solve_psd(g, rhs[:, 0]), np.linalg.solve(g64, rhs[:, 0])) < 1e-4
 
 
 def test_solve_psd_singular_matches_pinv() -> None:
   rng = np.random.default_rng(14)
-  x = _normal(rng, 3 * N, N)
+  x = rand_normal(rng, 3 * N, N)
   x[:, -1] = 0.0  # last feature always zero
   g = x.T @ x
-  rhs = g @ _normal(rng, N, R)  # consistent right-hand side
+  rhs = g @ rand_normal(rng, N, R)  # consistent right-hand side
   ref = np.linalg.pinv(g.astype(np.float64)) @ rhs
   for ridge, fallbacks in ((1e-6, 0), (0.0, 1)):
     out, info = M.solve_psd(g, rhs, ridge=ridge, return_info=True)
     assert int(info.fallbacks) == fallbacks and np.all(np.isfinite(out))
-    assert _rel(out, ref) < 1e-4
+    assert rel_err(out, ref) < 1e-4
 
 
 def test_fedavg() -> None:
@@ -346,10 +322,10 @@ def _vit_like(rng: np.random.Generator, full: bool) -> tuple:
   for blk in ('block0', 'block1', 'block2'):
     a[blk], b[blk], g[blk], a0[blk] = {}, {}, {}, {}
     for name, (n, o) in shapes.items():
-      a[blk][name] = _normal(rng, C, n, R)
-      b[blk][name] = _normal(rng, C, R, o)
-      a0[blk][name] = _normal(rng, n, R)
-      g[blk][name] = _grams(rng, C, n, full=full)
+      a[blk][name] = rand_normal(rng, C, n, R)
+      b[blk][name] = rand_normal(rng, C, R, o)
+      a0[blk][name] = rand_normal(rng, n, R)
+      g[blk][name] = rand_grams(rng, C, n, full=full)
   return a, b, g, a0
 
 
@@ -392,7 +368,7 @@ def test_tree_alpha_zero_mixed_full_and_diagonal_grams() -> None:
 def test_tree_fallback_count() -> None:
   rng = np.random.default_rng(17)
   a, _, g, _ = _vit_like(rng, full=True)
-  w = _weights(rng, C)
+  w = rand_weights(rng, C)
   for blk in ('block0', 'block2'):
     g[blk]['qkv'][:, 2, :] = 0.0
     g[blk]['qkv'][:, :, 2] = 0.0
@@ -401,6 +377,6 @@ def test_tree_fallback_count() -> None:
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(out))
   for blk in ('block0', 'block1', 'block2'):
     ref = _ref_regmean(a[blk]['qkv'], g[blk]['qkv'], 0.3, w)
-    assert _rel(out[blk]['qkv'], ref) < 1e-4
-  assert _rel(out['block0']['fc2'], M.merge_a(a['block0']['fc2'],
+    assert rel_err(out[blk]['qkv'], ref) < 1e-4
+  assert rel_err(out['block0']['fc2'], M.merge_a(a['block0']['fc2'],
                                               g['block0']['fc2'], 0.3, w)) < 1e-5

@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from reference64 import reg_grams64, root64, weights64
+from reference64 import (rand_grams, rand_normal, rand_weights, reg_grams64, rel_err, root64,
+                         weights64)
 
 from lorm_jax import merge as M
 from lorm_jax import merge_adapters as MA
@@ -67,40 +68,17 @@ def _vera_delta64(a: np.ndarray, bp: np.ndarray, d: np.ndarray, b: np.ndarray) -
   return (a * d) @ bp * b
 
 
-def _rel(x, ref) -> float:
-  x = np.asarray(x, np.float64)
-  return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
-
-
 # ------------------------------------------------------------- problems
-
-
-def _grams(rng: np.random.Generator, c: int, n: int, full: bool = True) -> np.ndarray:
-  """Well-conditioned client Grams X_i^T X_i, (C, n, n) float32 (or diagonals)."""
-  out = []
-  for _ in range(c):
-    x = rng.normal(size=(3 * n, n)).astype(np.float32)
-    x *= rng.uniform(0.5, 2.0, size=n).astype(np.float32)
-    out.append(x.T @ x if full else np.sum(x * x, axis=0))
-  return np.stack(out) * np.float32(rng.uniform(0.5, 4.0))
-
-
-def _normal(rng: np.random.Generator, *shape: int) -> np.ndarray:
-  return rng.normal(size=shape).astype(np.float32)
-
-
-def _weights(rng: np.random.Generator, c: int) -> np.ndarray:
-  return rng.uniform(0.2, 3.0, size=c).astype(np.float32)
 
 
 def _problem(seed: int, alpha: float, c: int = C) -> dict:
   rng = np.random.default_rng(seed)
   a, bp = (np.asarray(x) for x in AD.vera_projections(seed, N, O, R))
   return dict(
-      rng=rng, a=a, bp=bp, grams=_grams(rng, c, N, full=alpha > 0 or seed % 2 == 0),
-      w=_weights(rng, c), d=_normal(rng, R), b=_normal(rng, O),
-      d_c=_normal(rng, c, R), b_c=_normal(rng, c, O), l_c=1 + 0.3 * _normal(rng, c, O),
-      lr_c=1 + 0.3 * _normal(rng, c, N), kernel=_normal(rng, N, O) / np.sqrt(N))
+      rng=rng, a=a, bp=bp, grams=rand_grams(rng, c, N, full=alpha > 0 or seed % 2 == 0),
+      w=rand_weights(rng, c), d=rand_normal(rng, R), b=rand_normal(rng, O),
+      d_c=rand_normal(rng, c, R), b_c=rand_normal(rng, c, O), l_c=1 + 0.3 * rand_normal(rng, c, O),
+      lr_c=1 + 0.3 * rand_normal(rng, c, N), kernel=rand_normal(rng, N, O) / np.sqrt(N))
 
 
 # ------------------------------------------------ merges against float64
@@ -118,7 +96,7 @@ def test_vera_merge_b_matches_float64(alpha: float, own_d: bool) -> None:
   targets = np.stack([_vera_delta64(p['a'], p['bp'], di, bi) for di, bi in zip(d_c, p['b_c'])])
   u = (p['a'] * p['d']) @ p['bp']
   ref = _ref_linear(_col_basis(u), targets, p['grams'], alpha, p['w'])
-  assert _rel(out, ref) < 1e-4
+  assert rel_err(out, ref) < 1e-4
 
 
 @pytest.mark.parametrize('alpha', ALPHAS)
@@ -132,7 +110,7 @@ def test_vera_merge_d_matches_float64(alpha: float, own_b: bool) -> None:
   assert int(info.fallbacks) == 0 and int(info.nonfinite) == 0
   targets = np.stack([_vera_delta64(p['a'], p['bp'], di, bi) for di, bi in zip(p['d_c'], b_c)])
   ref = _ref_linear(_outer_basis(p['a'], p['bp'] * p['b']), targets, p['grams'], alpha, p['w'])
-  assert _rel(out, ref) < 1e-4
+  assert rel_err(out, ref) < 1e-4
 
 
 @pytest.mark.parametrize('alpha', ALPHAS)
@@ -142,7 +120,7 @@ def test_ia3_merge_columns_matches_float64(alpha: float) -> None:
   assert out.shape == (O,) and out.dtype == jnp.float32
   targets = np.stack([p['kernel'] * li for li in p['l_c']])
   ref = _ref_linear(_col_basis(p['kernel']), targets, p['grams'], alpha, p['w'])
-  assert _rel(out, ref) < 1e-4
+  assert rel_err(out, ref) < 1e-4
 
 
 @pytest.mark.parametrize('alpha', ALPHAS)
@@ -152,7 +130,7 @@ def test_ia3_merge_rows_matches_float64(alpha: float) -> None:
   assert out.shape == (N,) and out.dtype == jnp.float32
   targets = np.stack([li[:, None] * p['kernel'] for li in p['lr_c']])
   ref = _ref_linear(_row_basis(p['kernel']), targets, p['grams'], alpha, p['w'])
-  assert _rel(out, ref) < 1e-4
+  assert rel_err(out, ref) < 1e-4
 
 
 def _all_merges(p: dict, alpha: float, w, vec: dict) -> dict:
@@ -173,7 +151,7 @@ def test_identical_clients_give_their_vectors(alpha: float) -> None:
   own = {'b': p['b_c'][0], 'd': p['d_c'][0], 'cols': p['l_c'][0], 'rows': p['lr_c'][0]}
   out = _all_merges(p, alpha, p['w'], {k: np.stack([v] * C) for k, v in own.items()})
   for k, v in own.items():
-    assert _rel(out[k], v) < 1e-5, k
+    assert rel_err(out[k], v) < 1e-5, k
   # Only client 1 present; the absent ones hold garbage (NaN vectors and Grams).
   w1 = np.array([0.0, 2.5, 0.0, 0.0], np.float32)
   vec = {'b': p['b_c'].copy(), 'd': p['d_c'].copy(), 'cols': p['l_c'].copy(),
@@ -184,7 +162,7 @@ def test_identical_clients_give_their_vectors(alpha: float) -> None:
   p['grams'][3] = np.nan
   out = _all_merges(p, alpha, w1, vec)
   for k, v in vec.items():
-    assert _rel(out[k], v[1]) < 1e-5, k
+    assert rel_err(out[k], v[1]) < 1e-5, k
 
 
 @pytest.mark.parametrize('alpha', [0.0, 0.3])
@@ -193,7 +171,7 @@ def test_one_client_is_a_fixed_point(alpha: float) -> None:
   vec = {'b': p['b_c'], 'd': p['d_c'], 'cols': p['l_c'], 'rows': p['lr_c']}
   out = _all_merges(p, alpha, None, vec)
   for k, v in vec.items():
-    assert _rel(out[k], v[0]) < 1e-5, k
+    assert rel_err(out[k], v[0]) < 1e-5, k
 
 
 @pytest.mark.parametrize('alpha', [0.0, 0.3])
@@ -238,13 +216,13 @@ def test_diagonal_grams_give_weighted_averages() -> None:
       else p['grams'].astype(np.float64)
   wg = p['w'][:, None] * g
   ref_rows = np.sum(wg * p['lr_c'], 0) / np.sum(wg, 0)
-  assert _rel(MA.ia3_merge_rows(p['lr_c'], p['kernel'], g, 0.0, p['w']), ref_rows) < 1e-5
+  assert rel_err(MA.ia3_merge_rows(p['lr_c'], p['kernel'], g, 0.0, p['w']), ref_rows) < 1e-5
   for u, vec, fn in ((p['kernel'], p['l_c'], lambda v: MA.ia3_merge_columns(
       v, p['kernel'], g, 0.0, p['w'])), ((p['a'] * p['d']) @ p['bp'], p['b_c'],
                                        lambda v: MA.vera_merge_b(
                                            v, p['d'], p['a'], p['bp'], g, 0.0, p['w']))):
     s = wg @ np.square(u.astype(np.float64))  # (C, out)
-    assert _rel(fn(vec), np.sum(s * vec, 0) / np.sum(s, 0)) < 1e-5
+    assert rel_err(fn(vec), np.sum(s * vec, 0) / np.sum(s, 0)) < 1e-5
 
 
 def test_alpha_zero_uses_diagonal_of_full_grams() -> None:
@@ -259,7 +237,7 @@ def test_alpha_zero_uses_diagonal_of_full_grams() -> None:
 
 def test_diagonal_path_equals_full_path_on_diagonal_matrices() -> None:
   p = _problem(11, 0.0)
-  diag = _grams(p['rng'], C, N, full=False)
+  diag = rand_grams(p['rng'], C, N, full=False)
   diag[:, 3] = 0.0  # a feature nobody sees
   mats = np.stack([np.diag(x) for x in diag])
   vec = {'b': p['b_c'], 'd': p['d_c'], 'cols': p['l_c'], 'rows': p['lr_c']}
@@ -286,7 +264,7 @@ def test_cholesky_fallback_is_counted(alpha: float) -> None:
     out, info = MA.vera_merge_d(p['d_c'], p['b'], a, p['bp'], p['grams'], alpha, p['w'],
                                 ridge=ridge, return_info=True)
     assert int(info.fallbacks) == fallbacks and int(info.nonfinite) == 0
-    assert _rel(out, ref) < 1e-4 and abs(float(out[2])) < 1e-6
+    assert rel_err(out, ref) < 1e-4 and abs(float(out[2])) < 1e-6
   # (IA)^3 rows: a feature (input row) nobody sees.
   g = p['grams'].copy()
   if g.ndim == 3:
@@ -299,7 +277,7 @@ def test_cholesky_fallback_is_counted(alpha: float) -> None:
   out, info = MA.ia3_merge_rows(p['lr_c'], p['kernel'], g, alpha, p['w'], ridge=0.0,
                                 return_info=True)
   assert int(info.fallbacks) == 1 and int(info.nonfinite) == 0
-  assert _rel(out, ref) < 1e-4 and abs(float(out[5])) < 1e-6
+  assert rel_err(out, ref) < 1e-4 and abs(float(out[5])) < 1e-6
   # (IA)^3 columns (a diagonal system): a zero column of the kernel.
   k = p['kernel'].copy()
   k[:, 7] = 0.0
@@ -331,11 +309,11 @@ def _vit_like(rng: np.random.Generator, full: bool) -> dict:
     for name, (n, o) in shapes.items():
       a, bp = AD.vera_projections(0, n, o, R)
       t['a'][blk][name], t['bp'][blk][name] = np.asarray(a), np.asarray(bp)
-      t['d'][blk][name], t['b'][blk][name] = _normal(rng, R), _normal(rng, o)
-      t['d_c'][blk][name], t['b_c'][blk][name] = _normal(rng, C, R), _normal(rng, C, o)
-      t['g'][blk][name] = _grams(rng, C, n, full=full)
-      t['kern'][blk][name] = _normal(rng, n, o)
-      t['lc'][blk][name], t['lr'][blk][name] = _normal(rng, C, o), _normal(rng, C, n)
+      t['d'][blk][name], t['b'][blk][name] = rand_normal(rng, R), rand_normal(rng, o)
+      t['d_c'][blk][name], t['b_c'][blk][name] = rand_normal(rng, C, R), rand_normal(rng, C, o)
+      t['g'][blk][name] = rand_grams(rng, C, n, full=full)
+      t['kern'][blk][name] = rand_normal(rng, n, o)
+      t['lc'][blk][name], t['lr'][blk][name] = rand_normal(rng, C, o), rand_normal(rng, C, n)
   return t
 
 
@@ -365,7 +343,7 @@ def test_tree_versions_equal_per_leaf(alpha: float) -> None:
 
 def test_tree_fallback_count() -> None:
   t = _vit_like(np.random.default_rng(15), full=True)
-  w = _weights(np.random.default_rng(16), C)
+  w = rand_weights(np.random.default_rng(16), C)
   for blk in ('block0', 'block2'):
     t['a'][blk]['qkv'] = t['a'][blk]['qkv'].copy()
     t['a'][blk]['qkv'][:, 1] = 0.0
@@ -392,7 +370,7 @@ def test_vera_maths() -> None:
   d, b = AD.vera_init(R, O)
   np.testing.assert_array_equal(AD.vera_delta(a, bp, d, b), 0.0)
   rng = np.random.default_rng(17)
-  x, d, b = _normal(rng, 2, 5, N), _normal(rng, R), _normal(rng, O)
+  x, d, b = rand_normal(rng, 2, 5, N), rand_normal(rng, R), rand_normal(rng, O)
   np.testing.assert_allclose(AD.vera_apply(x, a, bp, d, b), x @ AD.vera_delta(a, bp, d, b),
                              rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(AD.vera_delta(a, bp, d, b), _vera_delta64(a, bp, d, b),
@@ -402,10 +380,10 @@ def test_vera_maths() -> None:
 def test_ia3_maths() -> None:
   rng = np.random.default_rng(18)
   dim, mlp = 8, 12
-  qkv, bias = _normal(rng, dim, 3 * dim), _normal(rng, 3 * dim)
-  lk, lv = _normal(rng, dim), _normal(rng, dim)
+  qkv, bias = rand_normal(rng, dim, 3 * dim), rand_normal(rng, 3 * dim)
+  lk, lv = rand_normal(rng, dim), rand_normal(rng, dim)
   s = AD.ia3_qkv_scale(lk, lv)
-  x = _normal(rng, 5, dim)
+  x = rand_normal(rng, 5, dim)
   y = AD.ia3_apply_columns(x, qkv, bias, s)
   ref = x @ qkv
   np.testing.assert_allclose(y[:, :dim], ref[:, :dim] + bias[:dim], rtol=1e-5, atol=1e-5)
@@ -414,7 +392,7 @@ def test_ia3_maths() -> None:
   np.testing.assert_allclose(y, x @ AD.ia3_scale_columns(qkv, s) + bias, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(AD.ia3_scale_columns(qkv, s),
                              qkv + AD.ia3_delta_columns(qkv, s), rtol=1e-6, atol=1e-6)
-  fc2, h, lff = _normal(rng, mlp, dim), _normal(rng, 5, mlp), _normal(rng, mlp)
+  fc2, h, lff = rand_normal(rng, mlp, dim), rand_normal(rng, 5, mlp), rand_normal(rng, mlp)
   np.testing.assert_allclose(AD.ia3_apply_rows(h, fc2, bias[:dim], lff),
                              (h * lff) @ fc2 + bias[:dim], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(AD.ia3_scale_rows(fc2, lff), fc2 + AD.ia3_delta_rows(fc2, lff),
@@ -428,7 +406,7 @@ def test_cross_task_merge_of_adapter_deltas() -> None:
   delta = AD.vera_delta(p['a'], p['bp'], p['d'], p['b'])
   g = M.regularize_gram(jnp.asarray(p['grams'][0]), 0.0)
   out = M.solve_psd(g, M.gram_times(g, delta))
-  assert _rel(out, np.asarray(delta, np.float64)) < 1e-5
+  assert rel_err(out, np.asarray(delta, np.float64)) < 1e-5
 
 
 def test_layer_stats_vit_b() -> None:

@@ -131,7 +131,7 @@ class Method:
     request = self.gram_request(task, rnd)
     gram_deltas, gram_params = {}, interface._same
     if request is not None:
-      gram_deltas = self.gram_inputs(server, task, None)[0]
+      gram_deltas = self.gram_model(server, task)[0]
       gram_params = functools.partial(_gram_params, self, server, task)
     return RoundPlan(spec=self.local_spec(task, rnd), train_deltas=self.train_deltas(server, task),
                      aux=self.train_aux(server, task), ctx=self.forward_ctx(server, task),
@@ -158,8 +158,6 @@ class Method:
     training, or the server's at the task's end) runs through: (kernel deltas
     added to W0, the factors as the pass sees them), from `gram_model`."""
     deltas, b_scale = self.gram_model(server, task)
-    if params is None:
-      return deltas, None
     return deltas, {**params, 'b': jax.tree.map(lambda x: x * b_scale, params['b'])}
 
   def aggregate(self, server: Server, results: ClientResults, task: int, rnd: int

@@ -110,8 +110,6 @@ class LoRM(Adapted, Method):
     """Method's, with b scaled so that the adapter's update scales by
     `gram_model`'s factor (LoRA, VeRA: b * s; (IA)^3: 1 + (b - 1) s)."""
     deltas, b_scale = self.gram_model(server, task)
-    if params is None:
-      return deltas, None
     return deltas, {**params, 'b': self.adapter.scale_b(params['b'], b_scale)}
 
   def aggregate(self, server: Server, results: ClientResults, task: int, rnd: int
