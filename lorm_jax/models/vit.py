@@ -132,10 +132,10 @@ def run_architecture(c, num_classes: int) -> ViTConfig:
 
 
 def lora_param_count(cfg: ViTConfig) -> int:
-  """Trainable LoRA numbers: per block r * (in + out) for qkv, proj, fc1, fc2."""
-  d, m, r = cfg.width, cfg.mlp_dim, cfg.lora_rank
-  per_block = r * ((d + 3 * d) + (d + d) + (d + m) + (m + d))
-  return cfg.depth * per_block
+  """Trainable LoRA numbers: per block r * (in + out) for qkv, proj, fc1, fc2
+  (`adapters.layer_stats`, the one count of every adapter's numbers)."""
+  return adapters.vit_adapter_stats('lora', cfg.width, cfg.mlp_dim, cfg.depth,
+                                    cfg.lora_rank)['model']['trained']
 
 
 def head_param_count(cfg: ViTConfig) -> int:
