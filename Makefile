@@ -39,8 +39,12 @@ setup: $(STAMP) data weights
 run: setup
 	$(BIN)/python -m experiments.run --config=configs/default.py --workdir=$(WORKDIR)
 
+# The suite in one worker process per core (at most 4: each holds its own
+# compiled programs), a test file per worker at a time; set TEST_WORKERS=0
+# to run it in this process.
+TEST_WORKERS ?= auto --maxprocesses=4
 test: setup
-	$(BIN)/python -m pytest tests --durations=25
+	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist loadfile --durations=25
 
 paper: $(STAMP)
 	set -e; for b in $(BENCHMARKS); do \

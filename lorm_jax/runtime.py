@@ -55,7 +55,8 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path | No
   """Turns on JAX's persistent compilation cache in `path` (default
   $JAX_COMPILATION_CACHE_DIR, else xla/ in the weights' cache folder:
   $LORM_JAX_CACHE or ~/.cache/lorm_jax), for programs that took at least a
-  second to compile.
+  second to compile ($JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS when set:
+  the test suite caches smaller ones too).
   Returns the folder, or None when it cannot be created."""
   path = path or os.environ.get('JAX_COMPILATION_CACHE_DIR') or cache_dir() / 'xla'
   path = Path(path).expanduser()
@@ -64,7 +65,8 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path | No
   except OSError:
     return None
   jax.config.update('jax_compilation_cache_dir', str(path))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs',
+                    float(os.environ.get('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', 1.0)))
   return path
 
 

@@ -1,19 +1,14 @@
 """ClientRunner: the one place that maps a per-client function over clients."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
+import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO
 from lorm_jax.federated import runner as runner_lib
-
 
 
 @pytest.mark.parametrize('work,groups', [([5, 25, 25, 10, 5, 10, 20, 10, 20, 20], 2),
@@ -63,23 +58,20 @@ def test_map_clients_rejects_unknown_mode():
     runner_lib.ClientRunner('threads', 4)
 
 
-def test_two_cpu_devices_sequential_match_one(tmp_path):
-  """Sequential clients balanced over 2 CPU devices (uneven clients, a padded
-  empty client) give the 1-device run's results."""
-  args = ['--config=configs/smoke.py', '--config.client_mode=sequential',
-          '--config.num_clients=5']
-  out = {}
-  for n in (1, 2):
-    workdir = str(tmp_path / f'd{n}')
-    subprocess.run([sys.executable, '-m', 'experiments.run', f'--workdir={workdir}',
-                    f'--cpu_devices={n}'] + args, check=True, cwd=REPO, capture_output=True,
-                   env=dict(os.environ, PYTHONPATH=REPO))
-    out[n] = (json.load(open(os.path.join(workdir, 'results.json'))),
-              [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))])
-  (one, one_lines), (two, two_lines) = out[1], out[2]
-  assert (one['devices'], two['devices']) == ('1 x cpu', '2 x cpu')
-  np.testing.assert_allclose(np.array(two['accuracy_matrix'], float),
-                             np.array(one['accuracy_matrix'], float), atol=1e-6, equal_nan=True)
-  assert two['comm_bytes_total'] == one['comm_bytes_total']
-  loss = lambda lines: [l['train_loss'] for l in lines if l['kind'] == 'round']
-  np.testing.assert_allclose(loss(two_lines), loss(one_lines), rtol=1e-5)
+@pytest.mark.parametrize('mode', ['vmap', 'sequential'])
+def test_compile_ahead_leaves_the_call_nothing_to_compile(mode, caplog):
+  """compile_ahead compiles, from shapes alone, the very program map_clients
+  then runs: the call logs no compilation and gives the plain call's values."""
+  runner = runner_lib.ClientRunner(mode, 3)
+  x = jnp.arange(5 * 3, dtype=jnp.float32).reshape(5, 3)
+  keys = jax.random.split(jax.random.key(1), 5)
+  fn = runner.bind(_fn, 7.0)   # no other test compiles this one
+  shared, per_client, work = {'w': jnp.float32(2.0)}, {'x': x, 'key': keys}, np.arange(5, 0, -1)
+  runner.compile_ahead(fn, shared, per_client, work=work).join()
+  with jax.log_compiles(True), caplog.at_level(logging.DEBUG):
+    out = runner.map_clients(fn, shared, per_client, work=work)
+  compiled = [r.getMessage() for r in caplog.records
+              if 'XLA compilation' in r.getMessage() and '_over_clients' in r.getMessage()]
+  assert compiled == []
+  want = 14.0 * x + jax.vmap(jax.random.uniform)(keys)[:, None]
+  np.testing.assert_allclose(np.asarray(out['y']), np.asarray(want), rtol=1e-6)

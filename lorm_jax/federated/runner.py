@@ -25,6 +25,7 @@ outputs are put back in order.
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Any, Callable
 
 import jax
@@ -95,6 +96,7 @@ class ClientRunner:
     self.clients_per_chunk = clients_per_chunk
     self._call = jax.jit(self._over_clients, static_argnums=0)
     self._bound: dict[tuple, Callable] = {}
+    self._ahead: dict[tuple, tuple[threading.Thread, list]] = {}  # compile_ahead's programs
 
   def bind(self, fn: Callable, *args: Any) -> Callable:
     """functools.partial(fn, *args), the same object for equal arguments, so a
@@ -151,6 +153,17 @@ class ClientRunner:
              else min(self.clients_per_chunk, num_clients))
     return -(-max(chunk, 1) // n_dev) * n_dev
 
+  def _layout(self, num: int, work: np.ndarray | None) -> tuple[np.ndarray, int]:
+    """(order, chunk) of a call over `num` clients: the client index of every
+    row of every chunk (`num` for an empty padding client), and the chunk size."""
+    if self.sequential and self.mesh is not None and work is not None:
+      order = balanced_order(work, len(self.devices))
+    else:
+      order = np.arange(num)
+    chunk = self.chunk_size(len(order))
+    order = np.concatenate([order, np.full(-len(order) % chunk, -1)])
+    return np.where(order < 0, num, order), chunk
+
   def map_clients(self, fn: Callable, shared: dict, per_client: dict,
                   work: np.ndarray | None = None) -> Any:
     """fn(**shared, **client) for every client along per_client's leading axis.
@@ -161,16 +174,10 @@ class ClientRunner:
     C clients, in order.
     """
     num = jax.tree.leaves(per_client)[0].shape[0]
-    if self.sequential and self.mesh is not None and work is not None:
-      order = balanced_order(work, len(self.devices))
-    else:
-      order = np.arange(num)
-    chunk = self.chunk_size(len(order))
-    order = np.concatenate([order, np.full(-len(order) % chunk, -1)])
-    order = np.where(order < 0, num, order)  # row `num` is the empty client
+    order, chunk = self._layout(num, work)
     padded = jax.tree.map(lambda x: _pad_rows(jnp.asarray(x), num + 1)[order], per_client)
     shared = self.replicate(shared)  # fixed input shardings: one compilation per pass
-    parts = [self._call(fn, shared, self._place(jax.tree.map(lambda x: x[c0:c0 + chunk], padded)))
+    parts = [self._run(fn, shared, self._place(jax.tree.map(lambda x: x[c0:c0 + chunk], padded)))
              for c0 in range(0, len(order), chunk)]
     out = parts[0] if len(parts) == 1 else jax.tree.map(
         lambda *xs: jnp.concatenate(xs, axis=0), *parts)
@@ -180,3 +187,57 @@ class ClientRunner:
     real = order < num
     position[order[real]] = np.flatnonzero(real)
     return jax.tree.map(lambda x: x[position], out)
+
+  def compile_ahead(self, fn: Callable, shared: dict, per_client: dict,
+                    work: np.ndarray | None = None) -> threading.Thread:
+    """Compiles the program `map_clients(fn, shared, per_client, work)` would
+    run, in a background thread, from the arguments' shapes alone (nothing is
+    placed or computed); map_clients then runs the compiled program (waiting
+    for the thread if it is still compiling). Compiling is single-threaded on
+    the CPU: started while this thread compiles or trains, it uses a core
+    that would otherwise wait. Returns the started thread."""
+    num = jax.tree.leaves(per_client)[0].shape[0]
+    _, chunk = self._layout(num, work)
+    spread = NamedSharding(self.mesh, PartitionSpec('clients')) if self.mesh else None
+    whole = NamedSharding(self.mesh, PartitionSpec()) if self.mesh else None
+
+    def abstract(x, sharding, rows=None):
+      x = x if hasattr(x, 'dtype') else jnp.asarray(x)
+      shape = x.shape if rows is None else (rows,) + tuple(x.shape[1:])
+      return jax.ShapeDtypeStruct(shape, x.dtype, sharding=sharding,
+                                  weak_type=getattr(x, 'weak_type', False))
+
+    shared_s = jax.tree.map(lambda x: abstract(x, whole), shared)
+    clients_s = jax.tree.map(lambda x: abstract(x, spread, chunk), per_client)
+    done: list = []
+
+    def compile_it():
+      try:
+        done.append(self._call.lower(fn, shared_s, clients_s).compile())
+      except Exception:  # pylint: disable=broad-except
+        pass  # the call compiles it again and reports what went wrong
+
+    thread = threading.Thread(target=compile_it, name='compile_ahead', daemon=True)
+    self._ahead[_signature(fn, shared_s, clients_s)] = (thread, done)
+    thread.start()
+    return thread
+
+  def _run(self, fn: Callable, shared: dict, chunk: dict) -> Any:
+    """One call of the jitted pass, through the program compile_ahead made
+    for these shapes when there is one."""
+    ahead = self._ahead.get(_signature(fn, shared, chunk))
+    if ahead is None:
+      return self._call(fn, shared, chunk)
+    thread, done = ahead
+    thread.join()
+    if not done:
+      del self._ahead[_signature(fn, shared, chunk)]
+      return self._call(fn, shared, chunk)
+    return done[0](shared, chunk)
+
+
+def _signature(fn: Callable, *trees: Any) -> tuple:
+  """fn and the trees' structure, shapes and dtypes: what selects a compiled program."""
+  leaves, treedef = jax.tree.flatten(trees)
+  return fn, treedef, tuple((tuple(x.shape), x.dtype, bool(getattr(x, 'weak_type', False)))
+                            for x in leaves)

@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import threading
 import time
 from typing import Any
 
@@ -84,6 +85,17 @@ class Passes:
     """Local training of the plan's clients from the server's a, b, head (or
     the round plan's per-client values) -> (a, b, head, stats, state), each
     with a leading client axis."""
+    return self.runner.map_clients(*self._train_call(rplan, frozen, server, plan, class_mask))
+
+  def compile_train_ahead(self, rplan: interface.RoundPlan, frozen: F.Flat, server: dict,
+                          plan: tuple, class_mask: jax.Array):
+    """Starts compiling `train`'s program for these arguments in the
+    background (`ClientRunner.compile_ahead`); returns the thread."""
+    return self.runner.compile_ahead(*self._train_call(rplan, frozen, server, plan, class_mask))
+
+  def _train_call(self, rplan: interface.RoundPlan, frozen: F.Flat, server: dict, plan: tuple,
+                  class_mask: jax.Array) -> tuple:
+    """map_clients' arguments (fn, shared, per_client, work) of local training."""
     exp, runner = self.exp, self.runner
     fn = runner.bind(client.local_train, exp.model, exp.method.forward, rplan.spec,
                      exp.preprocess_train, runner.half_batches)
@@ -93,7 +105,7 @@ class Passes:
     per_client = {**plan[0], **rplan.client_params}
     if rplan.client_state is not None:
       per_client['state'] = rplan.client_state
-    return runner.map_clients(fn, shared, per_client, work=plan[1])
+    return fn, shared, per_client, plan[1]
 
   def grams(self, request: GramRequest, frozen: F.Flat, params: dict, plan: tuple,
             per_client: bool):
@@ -299,7 +311,8 @@ def _run(config: ConfigDict, workdir: str, lock: checkpointing.WorkdirLock | Non
         ckpt.close()
         log.close()
         return {}
-      server, record = federated_round(exp, passes, server, t, meta.round)
+      server, record = federated_round(exp, passes, server, t, meta.round,
+                                       compile_ahead=rounds_this_call == 0)
       meta.comm_up += record['upload_bytes_per_client'] * len(record['clients'])
       meta.comm_down += record['download_bytes_per_client'] * len(record['clients'])
       meta.merge_fallbacks += record['merge_fallbacks']
@@ -338,13 +351,16 @@ def _run(config: ConfigDict, workdir: str, lock: checkpointing.WorkdirLock | Non
 
 
 def federated_round(exp: Experiment, passes: Passes, server: dict, t: int, r: int,
-                    shuffle_round: int | None = None) -> tuple[dict, dict]:
+                    shuffle_round: int | None = None, compile_ahead: bool = False
+                    ) -> tuple[dict, dict]:
   """One round of task t: the participants train from the server state as the
   method's `round_plan` says, run its Gram and statistics passes, and the
   server aggregates.
 
   shuffle_round: the round index whose shuffles local training draws (None:
-  r itself; `experiments.replay_round` redraws them). Returns the new server
+  r itself; `experiments.replay_round` redraws them). compile_ahead: also
+  start compiling the next round's training (`compile_next_round_ahead`; the
+  loop asks in the first round it runs). Returns the new server
   state and the round's metrics record (the record's '_steps' is for the
   progress bar). Raises DivergenceError, before anything is saved, on a
   non-finite loss, Gram or merged state.
@@ -353,6 +369,8 @@ def federated_round(exp: Experiment, passes: Passes, server: dict, t: int, r: in
   class_mask = jnp.asarray(np.isin(np.arange(exp.num_classes), exp.task_classes[t]))
   sizes, ids = _participants(exp, t, r)
   rplan = method.round_plan(server, t, r, ids)
+  if compile_ahead:
+    compile_next_round_ahead(exp, passes, server, t, r, rplan.spec)
 
   with timer('train'):
     frozen_train = add_deltas(exp.params.frozen, rplan.train_deltas)
@@ -387,6 +405,25 @@ def federated_round(exp: Experiment, passes: Passes, server: dict, t: int, r: in
     server = jax.block_until_ready(passes.runner.replicate(server))
   _check_finite('merged server state', passes.runner.host(server), t, r)
   return server, _round_record(exp, t, r, ids, rplan, server, stats, client_stats, info, timer)
+
+
+def compile_next_round_ahead(exp: Experiment, passes: Passes, server: dict, t: int, r: int,
+                             spec: interface.LocalSpec) -> threading.Thread | None:
+  """Starts compiling round r + 1's local training in the background when it
+  trains otherwise than round r's `spec` (LoRM's A- and B-rounds: two
+  programs), so that the two compile side by side
+  (`ClientRunner.compile_ahead`). Shapes only: nothing is trained, drawn or
+  placed. Returns the thread, or None."""
+  if r + 1 >= exp.config.rounds:
+    return None
+  _, ids = _participants(exp, t, r + 1)
+  nxt = exp.method.round_plan(server, t, r + 1, ids)
+  if nxt.spec == spec:
+    return None
+  frozen = jax.eval_shape(F.add_kernel_deltas, exp.params.frozen, nxt.train_deltas)
+  class_mask = jnp.asarray(np.isin(np.arange(exp.num_classes), exp.task_classes[t]))
+  return passes.compile_train_ahead(nxt, frozen, server, passes.training_plan(t, r + 1, ids),
+                                    class_mask)
 
 
 def _round_record(exp: Experiment, t: int, r: int, ids: np.ndarray, rplan: interface.RoundPlan,
