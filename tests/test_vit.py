@@ -343,3 +343,12 @@ def test_head_init_is_the_reference_timm_init():
   assert np.abs(k).max() < 0.02 * 6              # a normal's tail, nowhere near +-2
   # normal, not uniform: the fourth standardized moment of a normal is 3 (uniform 1.8)
   assert abs(np.mean((k / k.std()) ** 4) - 3.0) < 0.1
+
+
+def test_row_size_bytes_is_one_clients_share():
+  """row_size_bytes counts one row of the leading client axis, from shapes."""
+  tree = {'a': jnp.zeros((5, 3, 4), jnp.float32), 'b': [jnp.zeros((5, 7), jnp.bfloat16)],
+          'none': None}
+  assert F.row_size_bytes(tree) == F.tree_size_bytes(jax.tree.map(lambda x: x[0], tree))
+  assert F.row_size_bytes(tree) == 3 * 4 * 4 + 7 * 2
+  assert F.row_size_bytes(None) == 0

@@ -434,9 +434,9 @@ def _round_record(exp: Experiment, t: int, r: int, ids: np.ndarray, rplan: inter
   # what clients need besides a, b, head (their own values kept by the
   # clients themselves are not sent); what they upload besides their factors
   down += F.tree_size_bytes((rplan.train_deltas, rplan.aux, rplan.ctx))
-  down += F.tree_size_bytes(jax.tree.map(lambda x: x[0], {
-      k: v for k, v in rplan.client_params.items() if k not in rplan.kept_local}))
-  up += F.tree_size_bytes(jax.tree.map(lambda x: x[0], client_stats))
+  down += F.row_size_bytes({k: v for k, v in rplan.client_params.items()
+                            if k not in rplan.kept_local})
+  up += F.row_size_bytes(client_stats)
   seen = float(jnp.sum(stats['seen']))
   return {'kind': 'round', 'task': t, 'round': r, 'factors': ''.join(rplan.spec.factors),
           'clients': [int(i) for i in ids],
@@ -466,7 +466,7 @@ def finish_task(exp: Experiment, passes: Passes, server: dict, t: int) -> tuple[
                                  plan.params, passes.plan('task_gram', t, 0, ids, 1),
                                  per_client=False)
     task_grams = jax.tree.map(lambda x: jnp.sum(x, axis=0), per_client)
-    upload = len(ids) * F.tree_size_bytes(jax.tree.map(lambda x: x[0], per_client))
+    upload = len(ids) * F.row_size_bytes(per_client)
   _check_finite('end-of-task Gram', passes.runner.host(task_grams), t, c.rounds - 1)
   server = method.end_task(server, t, task_grams)
   backbone = interface.ServerBackbone(exp.model, exp.params.frozen, exp.preprocess_train)

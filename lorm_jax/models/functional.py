@@ -19,6 +19,7 @@ returns the logits plus the Grams sown by the adapted layers, keyed by layer.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -251,6 +252,13 @@ def lora_deltas(a: Flat, b: Flat) -> Flat:
 
 def tree_size_bytes(tree: Any) -> int:
   return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+
+
+def row_size_bytes(tree: Any) -> int:
+  """Bytes of one row of a tree whose leaves have a leading client axis (one
+  client's share), from shapes alone: no array is indexed, so nothing runs
+  on the devices the rows are sharded over."""
+  return int(sum(math.prod(x.shape[1:]) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
 
 
 def init_head(key: jax.Array, width: int, num_classes: int) -> Flat:
