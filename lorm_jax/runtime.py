@@ -26,6 +26,8 @@ import jax
 from lorm_jax.download import cache_dir
 
 _FORCE_FLAG = '--xla_force_host_platform_device_count'
+_COLLECTIVE_TIMEOUT_FLAG = '--xla_cpu_collective_call_terminate_timeout_seconds'
+COLLECTIVE_TIMEOUT_S = 600
 
 
 def available_cores() -> int:
@@ -40,15 +42,29 @@ def set_cpu_devices(count: int) -> int:
   """Makes the CPU backend expose `count` devices (0: one per available core).
 
   Must run before any JAX computation; an explicit
-  --xla_force_host_platform_device_count in XLA_FLAGS wins. Accelerator
+  --xla_force_host_platform_device_count in XLA_FLAGS wins. Also gives CPU
+  collectives a longer wait (`_patient_cpu_collectives`). Accelerator
   backends are unaffected (their devices stay the default). Returns the
   count asked for.
   """
+  _patient_cpu_collectives()
   if _FORCE_FLAG in os.environ.get('XLA_FLAGS', ''):
     return -1
   count = count or available_cores()
   jax.config.update('jax_num_cpu_devices', count)
   return count
+
+
+def _patient_cpu_collectives() -> None:
+  """Lets a CPU device wait up to COLLECTIVE_TIMEOUT_S at a collective for the
+  others (XLA_FLAGS, read when the backend starts; a value already there wins).
+  XLA:CPU's own limit, 40 s, aborts the whole process when one device's share
+  of a program reaches a collective that much later than another's, as seen
+  here on a loaded 2-core machine (a 2-device test run beside the parallel
+  test suite; once a 2-device run alone, at its last task)."""
+  flags = os.environ.get('XLA_FLAGS', '')
+  if _COLLECTIVE_TIMEOUT_FLAG not in flags:
+    os.environ['XLA_FLAGS'] = f'{flags} {_COLLECTIVE_TIMEOUT_FLAG}={COLLECTIVE_TIMEOUT_S}'.strip()
 
 
 def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path | None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import jax
 import jax.numpy as jnp
@@ -75,3 +76,20 @@ def test_compile_ahead_leaves_the_call_nothing_to_compile(mode, caplog):
   assert compiled == []
   want = 14.0 * x + jax.vmap(jax.random.uniform)(keys)[:, None]
   np.testing.assert_allclose(np.asarray(out['y']), np.asarray(want), rtol=1e-6)
+
+
+def test_cpu_collectives_get_a_longer_wait_unless_xla_flags_name_one(monkeypatch):
+  """runtime._patient_cpu_collectives adds XLA:CPU's collective timeout to
+  XLA_FLAGS, keeping the flags already there and a timeout given there."""
+  from lorm_jax import runtime  # pylint: disable=import-outside-toplevel
+  flag = '--xla_cpu_collective_call_terminate_timeout_seconds'
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=2')
+  runtime._patient_cpu_collectives()  # pylint: disable=protected-access
+  assert os.environ['XLA_FLAGS'].split() == ['--xla_force_host_platform_device_count=2',
+                                             f'{flag}={runtime.COLLECTIVE_TIMEOUT_S}']
+  monkeypatch.setenv('XLA_FLAGS', f'{flag}=5')
+  runtime._patient_cpu_collectives()  # pylint: disable=protected-access
+  assert os.environ['XLA_FLAGS'] == f'{flag}=5'
+  monkeypatch.delenv('XLA_FLAGS')
+  runtime._patient_cpu_collectives()  # pylint: disable=protected-access
+  assert os.environ['XLA_FLAGS'] == f'{flag}={runtime.COLLECTIVE_TIMEOUT_S}'
