@@ -55,6 +55,13 @@ def _trained(fm: F.FunctionalViT, key: jax.Array) -> tuple[F.Flat, F.Flat]:
   return _random_like(ka, p.a), _random_like(kb, p.b, around)
 
 
+def _consts(fm: F.FunctionalViT) -> dict:
+  """The adapter's server constants for fm's initial parameters (what its
+  `deltas` reads besides a and b)."""
+  p, spec = fm.initial_params(), fm.adapter
+  return spec.server_constants(p.frozen, spec.update_shapes(p.a, p.b, p.frozen))
+
+
 def _head() -> F.Flat:
   return F.init_head(jax.random.key(2), D, 4)
 
@@ -145,7 +152,7 @@ def test_model_equals_w0_plus_the_dense_updates_and_its_grams_cover_the_adapted_
   fm = _model(adapter)
   p, spec = fm.initial_params(), fm.adapter
   a, b = _trained(fm, jax.random.key(1))
-  consts = spec.server_constants(p.frozen, spec.update_shapes(p.a, p.b, p.frozen))
+  consts = _consts(fm)
   deltas = spec.deltas(consts, a, b)
   x = _images()
   got, grams, _ = fm.apply(p.frozen, a, b, _head(), x, gram_mode='diag')
@@ -210,9 +217,9 @@ def test_vera_projections_are_frozen_once_per_shape_and_regenerated_from_the_see
 @pytest.mark.parametrize('adapter', ADAPTERS)
 def test_scale_b_scales_the_update_and_neutral_b_makes_none(adapter):
   fm = _model(adapter)
-  p, spec = fm.initial_params(), fm.adapter
+  spec = fm.adapter
   a, b = _trained(fm, jax.random.key(1))
-  consts = spec.server_constants(p.frozen, spec.update_shapes(p.a, p.b, p.frozen))
+  consts = _consts(fm)
   full, third = spec.deltas(consts, a, b), spec.deltas(consts, a, spec.scale_b(b, 1 / 3))
   none = spec.deltas(consts, a, spec.neutral_b(b))
   for k in full:
@@ -295,9 +302,8 @@ def test_lorm_cross_task_merge_folds_the_dense_update(adapter):
   """One task with Gram g: Q^-1 P = (g o dW) / g = dW; the evaluated model
   adds no adapter on top (neutral b) and the Gram-pass model scales the update."""
   fm, lorm, server, _ = _round(adapter, jax.random.key(9))
-  p = fm.initial_params()
   spec = fm.adapter
-  consts = spec.server_constants(p.frozen, spec.update_shapes(p.a, p.b, p.frozen))
+  consts = _consts(fm)
   want = spec.deltas(consts, server['a'], server['b'])
   task_grams = {k: jnp.full((n,), 2.0) for k, n in fm.layer_inputs.items()}
   done = lorm.end_task(server, 0, task_grams)
