@@ -366,7 +366,7 @@ def federated_round(exp: Experiment, passes: Passes, server: dict, t: int, r: in
   non-finite loss, Gram or merged state.
   """
   method, timer = exp.method, _Timer()
-  class_mask = jnp.asarray(np.isin(np.arange(exp.num_classes), exp.task_classes[t]))
+  class_mask = _class_mask(exp, t)
   sizes, ids = _participants(exp, t, r)
   rplan = method.round_plan(server, t, r, ids)
   if compile_ahead:
@@ -421,7 +421,7 @@ def compile_next_round_ahead(exp: Experiment, passes: Passes, server: dict, t: i
   if nxt.spec == spec:
     return None
   frozen = jax.eval_shape(F.add_kernel_deltas, exp.params.frozen, nxt.train_deltas)
-  class_mask = jnp.asarray(np.isin(np.arange(exp.num_classes), exp.task_classes[t]))
+  class_mask = _class_mask(exp, t)
   return passes.compile_train_ahead(nxt, frozen, server, passes.training_plan(t, r + 1, ids),
                                     class_mask)
 
@@ -474,6 +474,11 @@ def finish_task(exp: Experiment, passes: Passes, server: dict, t: int) -> tuple[
       method.after_task(server, t, backbone, rng.key(c.seed, 'after_task', t)))
   _check_finite('cross-task merge', passes.runner.host(server), t, c.rounds - 1)
   return server, upload
+
+
+def _class_mask(exp: Experiment, t: int) -> jax.Array:
+  """(num_classes,) bool: the classes of task t, which local training scores."""
+  return jnp.asarray(np.isin(np.arange(exp.num_classes), exp.task_classes[t]))
 
 
 def _participants(exp: Experiment, t: int, r: int) -> tuple[list[int], np.ndarray]:
