@@ -93,3 +93,49 @@ def test_cpu_collectives_get_a_longer_wait_unless_xla_flags_name_one(monkeypatch
   monkeypatch.delenv('XLA_FLAGS')
   runtime._patient_cpu_collectives()  # pylint: disable=protected-access
   assert os.environ['XLA_FLAGS'] == f'{flag}={runtime.COLLECTIVE_TIMEOUT_S}'
+
+
+_CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+flags\t\t: fpu sse2 avx avx2 fma
+processor\t: 1
+flags\t\t: fpu sse2 avx avx2 fma
+"""
+
+
+def test_bfloat16_is_chosen_only_where_the_cpu_multiplies_it_natively(tmp_path):
+  """runtime.cpu_flags reads the first flags line of a cpuinfo file;
+  fast_bfloat16_matmuls is True on accelerators and on CPUs with AMX or
+  AVX-512 BF16, False on an AVX2-only CPU and where no flags are known."""
+  from lorm_jax import runtime  # pylint: disable=import-outside-toplevel
+  info = tmp_path / 'cpuinfo'
+  info.write_text(_CPUINFO)
+  flags = runtime.cpu_flags(str(info))
+  assert flags == {'fpu', 'sse2', 'avx', 'avx2', 'fma'}
+  assert runtime.cpu_flags(str(tmp_path / 'absent')) == frozenset()
+  assert not runtime.fast_bfloat16_matmuls('cpu', flags)
+  assert not runtime.fast_bfloat16_matmuls('cpu', frozenset())
+  assert runtime.fast_bfloat16_matmuls('cpu', flags | {'amx_bf16'})
+  assert runtime.fast_bfloat16_matmuls('cpu', flags | {'avx512_bf16'})
+  assert runtime.fast_bfloat16_matmuls('gpu', flags) and runtime.fast_bfloat16_matmuls('tpu')
+
+
+@pytest.mark.parametrize('fast', [True, False])
+def test_auto_dtype_is_resolved_before_the_run_and_recorded(tmp_path, monkeypatch, fast):
+  """model.dtype='auto' becomes bfloat16 or float32 by the machine, in a copy
+  (the caller's config keeps 'auto'); the experiment's config and the
+  workdir's config.json hold the resolved dtype, so a resume compares like
+  with like."""
+  import json  # pylint: disable=import-outside-toplevel
+  from conftest import smoke_config  # pylint: disable=import-outside-toplevel
+  from lorm_jax import runtime  # pylint: disable=import-outside-toplevel
+  from lorm_jax.federated import setup  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(runtime, 'fast_bfloat16_matmuls', lambda *a, **k: fast)
+  c = smoke_config(**{'model.dtype': 'auto'})
+  want = 'bfloat16' if fast else 'float32'
+  exp = setup.build_experiment(c, str(tmp_path))
+  assert c.model.dtype == 'auto' and exp.config.model.dtype == want
+  assert exp.model.cfg.dtype == want
+  assert json.loads((tmp_path / 'config.json').read_text())['model']['dtype'] == want
+  assert setup.compute_dtype_line(exp.config).startswith(f'model.dtype=auto -> {want} (')
+  setup.check_workdir(setup.resolve_compute_dtype(c), str(tmp_path))  # the same run: no error

@@ -6,6 +6,7 @@ order, so a missing dataset or checkpoint stops the run before any training.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -19,7 +20,7 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from lorm_jax import checkpointing, methods, metric_writers
+from lorm_jax import checkpointing, methods, metric_writers, runtime
 from lorm_jax.data import acquire, augment, dataset as dataset_lib, partition, registry
 from lorm_jax.errors import ConfigError
 from lorm_jax.models import adapters, backbones, functional as F, pretrained, vit
@@ -40,6 +41,35 @@ def validate_config(c: ConfigDict) -> None:
   metric_writers.check_packages(c)
   _check_switches(c)
   _check_fit(c, facts, backbone)
+
+
+COMPUTE_DTYPES = ('auto', 'float32', 'bfloat16')
+
+
+def resolve_compute_dtype(c: ConfigDict) -> ConfigDict:
+  """c itself, or with model.dtype 'auto' a copy holding the dtype this
+  machine runs fastest: 'bfloat16' where bfloat16 matmuls beat float32 ones
+  (accelerators; CPUs with AMX or AVX-512 BF16), 'float32' elsewhere
+  (`runtime.fast_bfloat16_matmuls`). The run's config.json records the
+  resolved dtype, so a resume on a machine of the other kind is refused as
+  another config rather than silently changing precision."""
+  if c.model.dtype != 'auto':
+    return c
+  c = copy.deepcopy(c)
+  c.model.dtype = 'bfloat16' if runtime.fast_bfloat16_matmuls() else 'float32'
+  return c
+
+
+def compute_dtype_line(c: ConfigDict) -> str:
+  """One line saying what model.dtype='auto' chose here, and why."""
+  flags = [f for f in runtime.FAST_BFLOAT16_CPU_FLAGS if f in runtime.cpu_flags()]
+  if jax.default_backend() != 'cpu':
+    why = f'{jax.default_backend()} backend'
+  elif flags:
+    why = f'this CPU has {", ".join(flags)}'
+  else:
+    why = f'this CPU has none of {", ".join(runtime.FAST_BFLOAT16_CPU_FLAGS)}'
+  return f'model.dtype=auto -> {c.model.dtype} ({why})'
 
 
 def _need(cond: bool, msg: str) -> None:
@@ -119,8 +149,8 @@ def _check_switches(c: ConfigDict) -> None:
   """The settings with a fixed set of values: download flags, dtype, client mode."""
   for name in ('dataset.download', 'model.download'):
     _need(isinstance(_get(c, name), bool), f'{name} must be True or False, got {_get(c, name)!r}')
-  _need(c.model.dtype in ('float32', 'bfloat16'),
-        f'model.dtype must be float32 or bfloat16, got {c.model.dtype!r}')
+  _need(c.model.dtype in COMPUTE_DTYPES,
+        f'model.dtype must be one of {", ".join(COMPUTE_DTYPES)}, got {c.model.dtype!r}')
   _need(c.client_mode in ('vmap', 'sequential'),
         f"client_mode must be 'vmap' or 'sequential', got {c.client_mode!r}")
 
@@ -311,7 +341,9 @@ def build_experiment(c: ConfigDict, workdir: str,
   anything to workdir, so a refused run leaves it as it was; `lock` (held by
   the caller) is taken at once on an existing workdir, else once it is made.
   write=False (the other processes of a multi-process run) leaves the
-  workdir to the process that writes it."""
+  workdir to the process that writes it. model.dtype 'auto' is resolved
+  (`resolve_compute_dtype`); Experiment.config holds the resolved config."""
+  c = resolve_compute_dtype(c)
   validate_config(c)
   if lock is not None:
     lock.acquire_if_exists()

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from lorm_jax import checkpointing, metric_writers, metrics, plotting, runtime
 from lorm_jax.errors import DivergenceError
 from lorm_jax import rng
-from lorm_jax.federated import batching, client, sizing
+from lorm_jax.federated import batching, client, setup, sizing
 from lorm_jax.methods import interface
 from lorm_jax.federated.runner import ClientRunner
 from lorm_jax.federated.setup import Experiment, build_experiment, validate_config
@@ -250,12 +250,17 @@ def prepare(config: ConfigDict, workdir: str, lock: checkpointing.WorkdirLock | 
   """The run's static inputs (the method's task structure applied, data on
   every device) and its client passes.
 
-  clients_per_chunk / eval_batch_size 0 are sized to the device first, from
+  model.dtype 'auto' is resolved first (`setup.resolve_compute_dtype`);
+  clients_per_chunk / eval_batch_size 0 are sized to the device, from
   shapes alone (`sizing.size_run`): a run that cannot fit one client stops
   with one line before any data loads or downloads; `write` prints the choice.
   """
+  auto_dtype = config.model.dtype == 'auto'
+  config = setup.resolve_compute_dtype(config)
   validate_config(config)
   decision = sizing.size_run(config)
+  if auto_dtype and write:
+    print(setup.compute_dtype_line(config), flush=True)
   if decision.automatic and write:
     print(decision.line(), flush=True)
   exp = _apply_task_structure(build_experiment(config, workdir, lock, write=write))
@@ -269,7 +274,7 @@ def _run(config: ConfigDict, workdir: str, lock: checkpointing.WorkdirLock | Non
   t_start = time.time()
   primary = lock is not None
   exp, passes = prepare(config, workdir, lock, write=primary)
-  c, method, runner = config, exp.method, passes.runner
+  c, method, runner = exp.config, exp.method, passes.runner  # exp.config: model.dtype resolved
   ckpt = checkpointing.Checkpointer(workdir, max_to_keep=keep_checkpoints or None)
   log = metrics.MetricsLog(os.path.join(workdir, 'metrics.jsonl'), write=primary,
                            writers=metric_writers.Writers(c, workdir) if primary else None)
