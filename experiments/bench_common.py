@@ -58,12 +58,14 @@ def time_fn(fn: Callable[..., Any], *args: Any, repeats: int = 5,
   return statistics.median(times)
 
 
-def measure_matmul_gflops(n: int = 2048, repeats: int = 7) -> float:
-  """GFLOP/s of a jitted float32 (n, n) @ (n, n) matmul (2 n^3 flops), median."""
+def measure_matmul_gflops(n: int = 2048, repeats: int = 7, dtype: Any = jnp.float32) -> float:
+  """GFLOP/s of a jitted (n, n) @ (n, n) matmul (2 n^3 flops) with operands of
+  `dtype` and float32 results (the backbone's bfloat16 matmuls), median."""
   keys = jax.random.split(jax.random.PRNGKey(0))
-  x = jax.random.normal(keys[0], (n, n), jnp.float32)
-  y = jax.random.normal(keys[1], (n, n), jnp.float32)
-  seconds = time_fn(jax.jit(jnp.matmul), x, y, repeats=repeats)
+  x = jax.random.normal(keys[0], (n, n), jnp.float32).astype(dtype)
+  y = jax.random.normal(keys[1], (n, n), jnp.float32).astype(dtype)
+  matmul = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
+  seconds = time_fn(matmul, x, y, repeats=repeats)
   return 2.0 * n**3 / seconds / 1e9
 
 
@@ -87,6 +89,24 @@ def _cpu_model() -> str:
   except OSError:
     pass
   return platform.processor() or platform.machine()
+
+
+def cpu_kind() -> str:
+  """The CPU model and its widest matrix instructions, e.g. 'AMD EPYC, AVX2
+  only': the kinds of machine whose timings are not comparable."""
+  from lorm_jax import runtime  # pylint: disable=import-outside-toplevel
+  flags = runtime.cpu_flags()
+  if 'amx_bf16' in flags:
+    widest = 'AMX'
+  elif 'avx512_bf16' in flags:
+    widest = 'AVX-512 BF16, no AMX'
+  elif 'avx512f' in flags:
+    widest = 'AVX-512, no BF16'
+  elif 'avx2' in flags:
+    widest = 'AVX2 only'
+  else:
+    widest = 'instruction set unknown'
+  return f'{_cpu_model()}, {widest}'
 
 
 def machine_description() -> str:

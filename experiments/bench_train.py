@@ -4,6 +4,12 @@
   python -m experiments.bench_train --quick    # ViT-S/14 only
   python -m experiments.bench_train --vmap-breakdown [--quick]   # where vmap loses on CPU
   python -m experiments.bench_train --tiny --no-write   # the tiny ViT at 28 px (tests, CI)
+  python -m experiments.bench_train --precision [--tiny]  # float32 against bfloat16 here
+
+--precision measures what `model.dtype='auto'` decides by: the machine's
+matmul rate with float32 and with bfloat16 operands, and one client's
+B-round training step of the default's shapes in each compute dtype, beside
+the dtype 'auto' resolves to on this machine (`runtime.fast_bfloat16_matmuls`).
 
 For each shape, one synthetic round of C clients x S steps x batch 16
 (balanced clients, so no padding), trained three ways:
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import time
 from typing import NamedTuple
 
 import jax
@@ -26,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import bench_common as bc
+from lorm_jax import runtime
 from lorm_jax.federated import client
 from lorm_jax.methods import interface
 from lorm_jax.models import functional as F, vit
@@ -151,6 +159,48 @@ def vmap_breakdown(name: str, shape: dict, repeats: int) -> dict[str, float]:
   return {'name': name, 'images': n, **t}
 
 
+def precision_rows(shape: dict, repeats: int, n: int) -> list[dict]:
+  """Per compute dtype: matmul GFLOP/s at n^3 and one client's B-round step
+  of `shape` (batch 16, `shape['steps']` steps in one jitted call): compile
+  seconds, ms per step, useful GFLOP/s (XLA's count of a one-step call)."""
+  rows = []
+  for dtype in ('float32', 'bfloat16'):
+    sh = dict(shape, clients=1)
+    fm = bc.random_model(vit.architecture(sh['arch'], image_size=sh['image'],
+                                          num_classes=sh['classes'], lora_rank=sh['rank'],
+                                          dtype=dtype))
+    _, p, images, labels, idx, mask, keys, class_mask = _round(sh)
+    spec = interface.LocalSpec(('b',), lr_a=1e-3, lr_b=1e-3, lr_head=1e-3)
+    train = functools.partial(client.local_train, fm, interface.linear_head_forward, spec, _pre)
+    step = jax.jit(lambda i, m, k: train(frozen=p.frozen, a=p.a, b=p.b, head=p.head,
+                                         images=images, labels=labels, idx=i, mask=m, key=k,
+                                         class_mask=class_mask))
+    start = time.perf_counter()
+    compiled = step.lower(idx[0], mask[0], keys[0]).compile()
+    compile_s = time.perf_counter() - start
+    seconds = bc.time_fn(compiled, idx[0], mask[0], keys[0], repeats=repeats)
+    steps = idx.shape[1]
+    flops = _flops(step, idx[0, :1], mask[0, :1], keys[0])
+    rows.append({'dtype': dtype, 'compile_s': compile_s, 'step_ms': 1e3 * seconds / steps,
+                 'train_gflops': flops * steps / seconds / 1e9,
+                 'matmul_gflops': bc.measure_matmul_gflops(n, repeats, jnp.dtype(dtype))})
+  return rows
+
+
+def render_precision(name: str, rows: list[dict], machine: str, cmd: str) -> str:
+  auto = 'bfloat16' if runtime.fast_bfloat16_matmuls() else 'float32'
+  flags = [f for f in runtime.FAST_BFLOAT16_CPU_FLAGS if f in runtime.cpu_flags()]
+  lines = [f'Command: `{cmd}`  ', f'Machine: {machine}  ',
+           f'bfloat16 CPU flags here: {", ".join(flags) or "none"}; '
+           f"`model.dtype='auto'` resolves to **{auto}** on this machine.", '',
+           f'| compute dtype | matmul GFLOP/s | {name}: step ms (batch 16, B-round) | '
+           'useful GFLOP/s | compile s |', '|---|---|---|---|---|']
+  for r in rows:
+    lines.append(f"| {r['dtype']} | {r['matmul_gflops']:.0f} | {r['step_ms']:.1f} | "
+                 f"{r['train_gflops']:.0f} | {r['compile_s']:.1f} |")
+  return '\n'.join(lines)
+
+
 def render_breakdown(rows, machine, cmd) -> str:
   lines = [f'Command: `{cmd}`  ', f'Machine: {machine}  ',
            'One round, median after a warm-up; the same images and steps in every row.', '',
@@ -187,12 +237,22 @@ def main(argv=None):
                       help='the tiny ViT only (seconds; implies nothing is written)')
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--no-write', action='store_true')
+  parser.add_argument('--precision', action='store_true',
+                      help='only: float32 against bfloat16 on this machine (what dtype=auto picks)')
   parser.add_argument('--vmap-breakdown', action='store_true',
                       help='only: where vmapped training loses time against the loop')
   args = parser.parse_args(argv)
   machine = bc.machine_description()
   shapes = TINY if args.tiny else SHAPES
   args.no_write = args.no_write or args.tiny
+  if args.precision:
+    name, shape = next(iter(shapes.items()))
+    rows = precision_rows(shape, args.repeats, n=256 if args.tiny else 2048)
+    text = render_precision(name, rows, machine, 'python -m experiments.bench_train --precision')
+    print(text)
+    if not args.no_write:
+      bc.write_section(f'Compute dtype on this CPU ({bc.cpu_kind()})', text)
+    return rows
   if args.vmap_breakdown:
     rows = [vmap_breakdown(name, shape, args.repeats) for name, shape in shapes.items()
             if not (args.quick and 'ViT-B' in name)]

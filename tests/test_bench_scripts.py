@@ -107,3 +107,12 @@ def test_compile_table_per_client_memory_and_fits():
   assert '| evaluate | float32 | 1 | 1.00 | 2.00 | 3.00 |  | yes / yes / yes / yes |' in text
   assert '| train_A | float32 | 10 | compile error: JaxRuntimeError: INTERNAL: boom |' in text
   assert 'xla_gpu_enable_triton_gemm=false' in text
+
+
+def test_bench_train_precision_tiny():
+  """Both compute dtypes measured: matmul rate and one client's training step."""
+  rows = bench_train.main(['--tiny', '--precision', '--repeats=1'])
+  assert [r['dtype'] for r in rows] == ['float32', 'bfloat16']
+  for r in rows:
+    for k in ('compile_s', 'step_ms', 'train_gflops', 'matmul_gflops'):
+      assert _positive(r[k]), (k, r[k])
