@@ -27,7 +27,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.weights = ''           # 'default' (or ''): the backbone's own file; a path; 'random'
   c.model.download = True        # fetch missing pretrained weights (models/backbones.py)
   c.model.rank = 1
-  c.model.dtype = 'float32'      # backbone compute dtype: float32 | bfloat16
+  c.model.dtype = 'float32'      # backbone compute dtype: float32 | bfloat16 | auto (the faster here)
   c.model.adapter = 'lora'       # lora | vera | ia3 on qkv, proj, fc1, fc2 (docs/merging.md)
   c.model.vera_rank = 256        # VeRA's r; its frozen projections are drawn from `seed`
 

@@ -91,21 +91,17 @@ def _cpu_model() -> str:
   return platform.processor() or platform.machine()
 
 
+# (cpuinfo flag, kind) from the widest matrix instructions down.
+_WIDEST = (('amx_bf16', 'AMX'), ('avx512_bf16', 'AVX-512 BF16, no AMX'),
+           ('avx512f', 'AVX-512, no BF16'), ('avx2', 'AVX2 only'))
+
+
 def cpu_kind() -> str:
   """The CPU model and its widest matrix instructions, e.g. 'AMD EPYC, AVX2
   only': the kinds of machine whose timings are not comparable."""
   from lorm_jax import runtime  # pylint: disable=import-outside-toplevel
   flags = runtime.cpu_flags()
-  if 'amx_bf16' in flags:
-    widest = 'AMX'
-  elif 'avx512_bf16' in flags:
-    widest = 'AVX-512 BF16, no AMX'
-  elif 'avx512f' in flags:
-    widest = 'AVX-512, no BF16'
-  elif 'avx2' in flags:
-    widest = 'AVX2 only'
-  else:
-    widest = 'instruction set unknown'
+  widest = next((name for flag, name in _WIDEST if flag in flags), 'instruction set unknown')
   return f'{_cpu_model()}, {widest}'
 
 
