@@ -188,11 +188,9 @@ def precision_rows(shape: dict, repeats: int, n: int) -> list[dict]:
 
 
 def render_precision(name: str, rows: list[dict], machine: str, cmd: str) -> str:
-  auto = 'bfloat16' if runtime.fast_bfloat16_matmuls() else 'float32'
-  flags = [f for f in runtime.FAST_BFLOAT16_CPU_FLAGS if f in runtime.cpu_flags()]
+  auto, why = runtime.auto_compute_dtype()
   lines = [f'Command: `{cmd}`  ', f'Machine: {machine}  ',
-           f'bfloat16 CPU flags here: {", ".join(flags) or "none"}; '
-           f"`model.dtype='auto'` resolves to **{auto}** on this machine.", '',
+           f"`model.dtype='auto'` resolves to **{auto}** on this machine ({why}).", '',
            f'| compute dtype | matmul GFLOP/s | {name}: step ms (batch 16, B-round) | '
            'useful GFLOP/s | compile s |', '|---|---|---|---|---|']
   for r in rows:

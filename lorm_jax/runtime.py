@@ -77,6 +77,30 @@ def fast_bfloat16_matmuls(platform: str | None = None,
   return any(f in flags for f in FAST_BFLOAT16_CPU_FLAGS)
 
 
+def auto_compute_dtype() -> tuple[str, str]:
+  """(dtype, why) that model.dtype='auto' resolves to in this process:
+  'bfloat16' where `fast_bfloat16_matmuls`, else 'float32', and the reason
+  in words (the backend, or which of FAST_BFLOAT16_CPU_FLAGS the CPU has)."""
+  platform = jax.default_backend()
+  have = [f for f in FAST_BFLOAT16_CPU_FLAGS if f in cpu_flags()]
+  dtype = 'bfloat16' if fast_bfloat16_matmuls(platform, frozenset(have)) else 'float32'
+  if platform != 'cpu':
+    why = f'{platform} backend'
+  elif have:
+    why = f'this CPU has {", ".join(have)}'
+  else:
+    why = f'this CPU has none of {", ".join(FAST_BFLOAT16_CPU_FLAGS)}'
+  return dtype, why
+
+
+def default_xla_flag(flag: str, value: object) -> None:
+  """Appends `flag=value` to XLA_FLAGS (read when a backend starts) unless
+  XLA_FLAGS already names the flag: a value given there wins."""
+  flags = os.environ.get('XLA_FLAGS', '')
+  if flag not in flags:
+    os.environ['XLA_FLAGS'] = f'{flags} {flag}={value}'.strip()
+
+
 def set_cpu_devices(count: int) -> int:
   """Makes the CPU backend expose `count` devices (0: one per available core).
 
@@ -101,9 +125,7 @@ def _patient_cpu_collectives() -> None:
   of a program reaches a collective that much later than another's, as seen
   here on a loaded 2-core machine (a 2-device test run beside the parallel
   test suite; once a 2-device run alone, at its last task)."""
-  flags = os.environ.get('XLA_FLAGS', '')
-  if _COLLECTIVE_TIMEOUT_FLAG not in flags:
-    os.environ['XLA_FLAGS'] = f'{flags} {_COLLECTIVE_TIMEOUT_FLAG}={COLLECTIVE_TIMEOUT_S}'.strip()
+  default_xla_flag(_COLLECTIVE_TIMEOUT_FLAG, COLLECTIVE_TIMEOUT_S)
 
 
 def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path | None:

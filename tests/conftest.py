@@ -27,9 +27,8 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 # EPYC). Numbers move at round-off against level 3 (summation order, fused
 # multiply-adds), the same in every process of the session (subprocesses
 # inherit XLA_FLAGS), so every property tested holds as it did.
-if '--xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
-  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
-                             + ' --xla_backend_optimization_level=0').strip()
+from lorm_jax import runtime  # pylint: disable=wrong-import-position
+runtime.default_xla_flag('--xla_backend_optimization_level', 0)
 
 from configs import smoke  # pylint: disable=wrong-import-position
 

@@ -56,20 +56,13 @@ def resolve_compute_dtype(c: ConfigDict) -> ConfigDict:
   if c.model.dtype != 'auto':
     return c
   c = copy.deepcopy(c)
-  c.model.dtype = 'bfloat16' if runtime.fast_bfloat16_matmuls() else 'float32'
+  c.model.dtype = runtime.auto_compute_dtype()[0]
   return c
 
 
 def compute_dtype_line(c: ConfigDict) -> str:
   """One line saying what model.dtype='auto' chose here, and why."""
-  flags = [f for f in runtime.FAST_BFLOAT16_CPU_FLAGS if f in runtime.cpu_flags()]
-  if jax.default_backend() != 'cpu':
-    why = f'{jax.default_backend()} backend'
-  elif flags:
-    why = f'this CPU has {", ".join(flags)}'
-  else:
-    why = f'this CPU has none of {", ".join(runtime.FAST_BFLOAT16_CPU_FLAGS)}'
-  return f'model.dtype=auto -> {c.model.dtype} ({why})'
+  return f'model.dtype=auto -> {c.model.dtype} ({runtime.auto_compute_dtype()[1]})'
 
 
 def _need(cond: bool, msg: str) -> None:
