@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import os
 import pathlib
-import platform
-import re
 import statistics
 import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+
+from lorm_jax import runtime
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 BENCHMARKS_MD = REPO_ROOT / 'BENCHMARKS.md'
@@ -80,29 +80,9 @@ def measure_bandwidth_gbs(mbytes: int = 1024, repeats: int = 7) -> float:
   return x.nbytes / seconds / 1e9
 
 
-def _cpu_model() -> str:
-  try:
-    text = pathlib.Path('/proc/cpuinfo').read_text()
-    match = re.search(r'^model name\s*:\s*(.+)$', text, re.M)
-    if match:
-      return match.group(1).strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
-
-# (cpuinfo flag, kind) from the widest matrix instructions down.
-_WIDEST = (('amx_bf16', 'AMX'), ('avx512_bf16', 'AVX-512 BF16, no AMX'),
-           ('avx512f', 'AVX-512, no BF16'), ('avx2', 'AVX2 only'))
-
-
 def cpu_kind() -> str:
-  """The CPU model and its widest matrix instructions, e.g. 'AMD EPYC, AVX2
-  only': the kinds of machine whose timings are not comparable."""
-  from lorm_jax import runtime  # pylint: disable=import-outside-toplevel
-  flags = runtime.cpu_flags()
-  widest = next((name for flag, name in _WIDEST if flag in flags), 'instruction set unknown')
-  return f'{_cpu_model()}, {widest}'
+  """The CPU model and its widest matrix instructions (`runtime.cpu_kind`)."""
+  return runtime.cpu_kind()
 
 
 def machine_description() -> str:
@@ -111,7 +91,7 @@ def machine_description() -> str:
       else os.cpu_count()
   load = os.getloadavg()[0] if hasattr(os, 'getloadavg') else float('nan')
   dev = jax.devices()[0]
-  return (f'{_cpu_model()}, {cores} cores (load avg {load:.1f} at start), '
+  return (f'{runtime.cpu_model()}, {cores} cores (load avg {load:.1f} at start), '
           f'jax {jax.__version__} on {dev.platform} ({dev.device_kind})')
 
 

@@ -53,8 +53,9 @@ PUBLISHED = {
 # Methods of this project compared with another name's published row: `joint_fed`
 # is the reference's own joint protocol (one task, federated), `joint` the central one.
 PUBLISHED_AS = {'joint_fed': 'joint'}
-METHOD_ORDER = ['joint', 'joint_fed', 'fedavg', 'ffa_lora', 'regmean', 'fisheravg', 'ccvr', 'ewc', 'lwf',
-                'fedproto', 'l2p', 'coda_p', 'target', 'pilora', 'lorm']
+METHOD_ORDER = ['joint', 'joint_fed', 'fedavg', 'ffa_lora', 'fedex_lora', 'flora', 'fedsa_lora',
+                'regmean', 'fisheravg', 'ties', 'fedsum', 'ccvr', 'ewc', 'lwf', 'derpp',
+                'fedproto', 'l2p', 'dualprompt', 'coda_p', 'coda_lwf', 'target', 'pilora', 'lorm']
 
 
 def published(method: str) -> tuple:
@@ -81,6 +82,8 @@ def load_results(paths: list[str]) -> list[dict]:
       if 'local_epochs' not in r:  # results of older runs
         r['local_epochs'] = config.get('local_epochs')
       r['matmuls'] = config.get('model', {}).get('dtype', 'float32')  # older runs: float32
+      r.setdefault('adapter', config.get('model', {}).get('adapter', 'lora'))  # older: LoRA
+      r.setdefault('machine', 'not recorded')
       r['_config'] = config
       out.append(r)
   if not out:
@@ -88,12 +91,28 @@ def load_results(paths: list[str]) -> list[dict]:
   return out
 
 
+def label(r: dict) -> str:
+  """The row name of a run: its method, with '+<adapter>' where the adapter is
+  not LoRA (`lorm+vera`)."""
+  adapter = r.get('adapter', 'lora')
+  return r['method'] if adapter == 'lora' else f"{r['method']}+{adapter}"
+
+
 def group(results: list[dict]) -> dict[tuple[str, str], list[float]]:
-  """(method, dataset) -> final accuracies (%) over seeds."""
+  """(method label, dataset) -> final accuracies (%) over seeds."""
   cells = collections.defaultdict(list)
   for r in results:
-    cells[(r['method'], r['dataset'])].append(100.0 * r['final_accuracy'])
+    cells[(label(r), r['dataset'])].append(100.0 * r['final_accuracy'])
   return cells
+
+
+def machines(runs: list[dict]) -> str:
+  """The machines that computed `runs`, with counts where there are several
+  ('Intel(R) Xeon(R) Processor, AMX x2; AMD EPYC, AVX-512 BF16, no AMX x1')."""
+  counts = collections.Counter(r.get('machine', 'not recorded') for r in runs)
+  if len(counts) == 1:
+    return next(iter(counts))
+  return '; '.join(f'{m} x{n}' for m, n in sorted(counts.items()))
 
 
 def fmt(values: list[float]) -> str:
@@ -138,7 +157,7 @@ def deviating_cells(results: list[dict]) -> dict[tuple[str, str], list[str]]:
   for r in results:
     keys = protocol_deviations(r)
     if keys:
-      out[(r['method'], r['dataset'])].append(f"{r['_path']}: differs in {', '.join(keys)}")
+      out[(label(r), r['dataset'])].append(f"{r['_path']}: differs in {', '.join(keys)}")
   return out
 
 
@@ -147,6 +166,7 @@ def paper_table(cells, deviating=None) -> str:
   run that is not the paper's protocol is marked * and its runs listed below."""
   deviating = deviating or {}
   methods = [m for m in METHOD_ORDER if m in PUBLISHED or any(k[0] == m for k in cells)]
+  methods += sorted({m for m, b in cells if b in BENCHMARKS} - set(methods))  # lorm+vera, ...
   head = '| method | ' + ' | '.join(TITLES[b] for b in BENCHMARKS) + ' |'
   lines = [head, '|---|' + '---|' * len(BENCHMARKS)]
   for m in methods:
@@ -173,20 +193,21 @@ def local_table(results: list[dict]) -> str:
   for r in results:
     if r['dataset'] in BENCHMARKS:
       continue
-    rows[(r['method'], r['dataset'], r['beta'], r.get('local_epochs'),
+    rows[(label(r), r['dataset'], r['beta'], r.get('local_epochs'),
           r['matmuls'])].append(r)
   if not rows:
     return '(no runs on the embedded configs)'
   lines = ['| method | dataset | beta | local epochs | matmuls | final accuracy % | forgetting % '
-           '| wall s | runs |', '|---|---|---|---|---|---|---|---|---|']
+           '| wall s | runs | seeds | machine |', '|---|---|---|---|---|---|---|---|---|---|---|']
   for (m, d, beta, epochs, mm), rs in sorted(rows.items(),
                                              key=lambda kv: tuple(map(str, kv[0]))):
     acc = [100 * r['final_accuracy'] for r in rs]
     fgt = [100 * r['forgetting'] for r in rs]
     wall = np.mean([r['wall_seconds'] for r in rs])
     epochs = '-' if epochs is None else epochs
+    seeds = ', '.join(str(r['seed']) for r in rs)
     lines.append(f'| {m} | {d} | {beta} | {epochs} | {mm} | {fmt(acc)} | {np.mean(fgt):.2f} | '
-                 f'{wall:.0f} | {len(rs)} |')
+                 f'{wall:.0f} | {len(rs)} | {seeds} | {machines(rs)} |')
   return '\n'.join(lines)
 
 
@@ -196,11 +217,11 @@ def runs_table(results: list[dict]) -> str:
   pct = lambda xs: ', '.join('-' if x is None else f'{100 * x:.2f}' for x in xs)
   rows = sorted((r for r in results if r['dataset'] not in BENCHMARKS
                  and 'per_task_accuracy' in r and 'accuracy_per_task_end' in r),
-                key=lambda r: (str(r.get('local_epochs')), r['method'], r['seed']))
+                key=lambda r: (str(r.get('local_epochs')), label(r), r['seed']))
   lines = ['| method | local epochs | seed | final % | per task after the last task | '
            'after each task |', '|---|---|---|---|---|---|']
   for r in rows:
-    lines.append(f"| {r['method']} | {r.get('local_epochs')} | {r['seed']} | "
+    lines.append(f"| {label(r)} | {r.get('local_epochs')} | {r['seed']} | "
                  f"{100 * r['final_accuracy']:.2f} | {pct(r['per_task_accuracy'])} | "
                  f"{pct(r['accuracy_per_task_end'])} |")
   return '\n'.join(lines)
@@ -312,7 +333,7 @@ def ours_by_epochs(results: list[dict]) -> dict[tuple[str, int], list[float]]:
   cells, precisions = collections.defaultdict(list), collections.defaultdict(set)
   for r in results:
     if r['dataset'] not in BENCHMARKS and r.get('local_epochs') is not None:
-      key = (r['method'], int(r['local_epochs']))
+      key = (label(r), int(r['local_epochs']))
       cells[key].append(100.0 * r['final_accuracy'])
       precisions[key].add(r['matmuls'])
   mixed = sorted(f'{m} at {e} epochs ({", ".join(sorted(p))})'

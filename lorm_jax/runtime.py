@@ -5,6 +5,7 @@
 `initialize_distributed`: several processes (hosts) as one JAX run.
 `fast_bfloat16_matmuls`: whether bfloat16 matmuls beat float32 here (what
 `model.dtype='auto'` resolves by).
+`machine`: the kind of machine a run ran on, recorded beside its results.
 
 On a CPU, XLA runs one program at a time per device and splits only its
 larger operations over the cores, so the small matrices of a batch-16 ViT
@@ -21,6 +22,8 @@ the same shapes (another seed or method) loads most of them instead.
 from __future__ import annotations
 
 import os
+import platform as _platform
+import re
 from pathlib import Path
 
 import jax
@@ -91,6 +94,42 @@ def auto_compute_dtype() -> tuple[str, str]:
   else:
     why = f'this CPU has none of {", ".join(FAST_BFLOAT16_CPU_FLAGS)}'
   return dtype, why
+
+
+def cpu_model(cpuinfo: str = '/proc/cpuinfo') -> str:
+  """The CPU's model name ('AMD EPYC', 'Intel(R) Xeon(R) Processor'), from
+  /proc/cpuinfo where it exists."""
+  try:
+    match = re.search(r'^model name\s*:\s*(.+)$', Path(cpuinfo).read_text(), re.M)
+    if match:
+      return match.group(1).strip()
+  except OSError:
+    pass
+  return _platform.processor() or _platform.machine()
+
+
+# (cpuinfo flag, kind) from the widest matrix instructions down.
+_WIDEST = (('amx_bf16', 'AMX'), ('avx512_bf16', 'AVX-512 BF16, no AMX'),
+           ('avx512f', 'AVX-512, no BF16'), ('avx2', 'AVX2 only'))
+
+
+def cpu_kind(cpuinfo: str = '/proc/cpuinfo') -> str:
+  """The CPU model and its widest matrix instructions, e.g. 'AMD EPYC, AVX2
+  only': the kinds of machine whose timings are not comparable, and whose
+  round-off differs (XLA:CPU's kernels follow the vector width)."""
+  flags = cpu_flags(cpuinfo)
+  widest = next((name for flag, name in _WIDEST if flag in flags), 'instruction set unknown')
+  return f'{cpu_model(cpuinfo)}, {widest}'
+
+
+def machine() -> str:
+  """What computed this process's numbers: the CPU kind (`cpu_kind`) on the
+  CPU backend, else the first device's kind ('NVIDIA H100 80GB HBM3', 'TPU v5
+  lite') with the device count."""
+  dev = jax.devices()[0]
+  if dev.platform == 'cpu':
+    return cpu_kind()
+  return f'{jax.device_count()} x {dev.device_kind}'
 
 
 def default_xla_flag(flag: str, value: object) -> None:

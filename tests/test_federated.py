@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from conftest import smoke_config, strip_wall_time as _strip
-from lorm_jax import errors
+from lorm_jax import errors, runtime
 from lorm_jax.data import augment
 from lorm_jax.data.errors import DataError
 from lorm_jax.federated import batching, client, setup, simulate
@@ -46,6 +46,9 @@ def test_results_json_shapes_and_ranges(smoke_run):
   assert saved['comm_bytes_total'] == saved['comm_bytes_upload'] + saved['comm_bytes_download'] > 0
   assert saved['merge_fallbacks'] >= 0 and saved['wall_seconds'] > 0
   assert (saved['method'], saved['dataset'], saved['seed']) == ('lorm', 'fashion_mnist', 0)
+  # what computed it, for tables that gather runs from several machines
+  assert (saved['adapter'], saved['compute_dtype']) == ('lora', 'float32')
+  assert saved['machine'] == runtime.cpu_kind() and saved['devices'].endswith('x cpu')
   for name in ('config.json', 'metrics.jsonl', 'split.json', 'accuracy_matrix.png',
                'accuracy_per_task.png'):
     assert os.path.getsize(os.path.join(workdir, name)) > 0

@@ -152,3 +152,26 @@ def test_runs_off_the_paper_protocol_are_marked(tmp_path, capsys):
   out = capsys.readouterr().out
   assert '80.00 +- 0.00 (n=2)* / 86.95' in out
   assert f'- {tmp_path / "short"}: differs in rounds' in out and f'{tmp_path / "paper"}:' not in out
+
+
+def test_report_keeps_adapters_apart_and_names_the_machines(tmp_path, capsys):
+  """A run's adapter (results.json, else config.json, else LoRA) makes a row of
+  its own; a row lists its seeds and the machines that computed them."""
+  runs = (('l', 'lora', 0.30, 42, 'CPU A'), ('v1', 'vera', 0.20, 42, 'CPU A'),
+          ('v2', 'vera', 0.40, 1, 'CPU B'), ('old', None, 0.5, 2, None))
+  for name, adapter, acc, seed, machine in runs:
+    p = tmp_path / name
+    p.mkdir()
+    r = {'method': 'lorm', 'dataset': 'fashion_mnist', 'beta': 0.5, 'seed': seed,
+         'local_epochs': 5, 'final_accuracy': acc, 'forgetting': 0.1, 'wall_seconds': 1.0}
+    if machine:
+      r.update(machine=machine, adapter=adapter)
+    (p / 'results.json').write_text(json.dumps(r))
+    (p / 'config.json').write_text(json.dumps({'model': {'dtype': 'bfloat16'}}))
+  report.main([str(tmp_path / name) for name, *_ in runs])
+  out = capsys.readouterr().out
+  assert ('| lorm+vera | fashion_mnist | 0.5 | 5 | bfloat16 | 30.00 +- 14.14 (n=2) | 10.00 | 1 | 2 '
+          '| 42, 1 | CPU A x1; CPU B x1 |') in out
+  assert '| lorm | fashion_mnist | 0.5 | 5 | bfloat16 | 40.00 +- 14.14 (n=2) |' in out
+  assert '| 42, 2 | CPU A x1; not recorded x1 |' in out
+

@@ -139,3 +139,12 @@ def test_auto_dtype_is_resolved_before_the_run_and_recorded(tmp_path, monkeypatc
   assert json.loads((tmp_path / 'config.json').read_text())['model']['dtype'] == want
   assert setup.compute_dtype_line(exp.config).startswith(f'model.dtype=auto -> {want} (')
   setup.check_workdir(setup.resolve_compute_dtype(c), str(tmp_path))  # the same run: no error
+
+
+def test_runtime_names_the_cpu_kind(tmp_path):
+  from lorm_jax import runtime
+  info = tmp_path / 'cpuinfo'
+  info.write_text('model name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f avx512_bf16\n')
+  assert runtime.cpu_kind(str(info)) == 'AMD EPYC, AVX-512 BF16, no AMX'
+  info.write_text('model name\t: AMD EPYC\nflags\t\t: fpu avx2\n')
+  assert runtime.cpu_kind(str(info)) == 'AMD EPYC, AVX2 only'

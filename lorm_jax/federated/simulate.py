@@ -574,4 +574,6 @@ def _results(exp: Experiment, c: ConfigDict, meta: RunMeta, wall: float) -> dict
       'merge_fallbacks': meta.merge_fallbacks,
       'wall_seconds': wall,
       'devices': f'{jax.device_count()} x {jax.devices()[0].platform}',
+      'machine': runtime.machine(),
+      'adapter': c.model.adapter, 'compute_dtype': c.model.dtype,
   }
