@@ -4,6 +4,8 @@
       --seeds=0,1,2 --root=workdirs/sweep
   python -m experiments.sweep --config=configs/default.py --methods=lorm \
       --set lr_head=1e-3,lr_a=1e-3,lr_b=1e-3 --root=workdirs/sweep
+  python -m experiments.sweep --config=configs/default.py --methods=all \
+      --seeds=42,1,2 --root=docs/results/bf16 --skip=target   # every method
 
 Every run is its own `experiments.run` process with its own workdir
 ROOT/<method>_beta<beta>_seed<seed>[_<setting>]; a workdir holding a
@@ -19,11 +21,25 @@ import sys
 from lorm_jax.errors import UserError, argument_parser, report_user_errors
 
 
+def method_names(methods: str, skip: str = '') -> list[str]:
+  """The comma list `methods` ('all': every registered method, in the
+  report's order) less the comma list `skip`; an unknown name is a UserError."""
+  from experiments.report import METHOD_ORDER  # pylint: disable=import-outside-toplevel
+  from lorm_jax.methods import METHODS  # pylint: disable=import-outside-toplevel
+  every = sorted(METHODS, key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else 99, m))
+  names = every if methods == 'all' else methods.split(',')
+  dropped = skip.split(',') if skip else []
+  unknown = [m for m in names + dropped if m not in METHODS]
+  if unknown:
+    raise UserError(f'unknown method(s) {", ".join(unknown)}; known: {", ".join(every)}')
+  return [m for m in names if m not in dropped]
+
+
 def run_dirs(args) -> list[tuple[str, list[str]]]:
   """(workdir, command) for every combination."""
   out = []
   setting = args.set.replace('=', '').replace(',', '_') if args.set else ''
-  for method in args.methods.split(','):
+  for method in method_names(args.methods, args.skip):
     for beta in (args.betas.split(',') if args.betas else ['']):
       for seed in args.seeds.split(','):
         name = f'{method}' + (f'_beta{beta}' if beta else '') + f'_seed{seed}'
@@ -43,7 +59,8 @@ def run_dirs(args) -> list[tuple[str, list[str]]]:
 def main(argv=None) -> None:
   p = argument_parser(description=__doc__.splitlines()[0])
   p.add_argument('--config', required=True)
-  p.add_argument('--methods', default='lorm')
+  p.add_argument('--methods', default='lorm', help="comma list, or 'all'")
+  p.add_argument('--skip', default='', help='comma list of methods to leave out')
   p.add_argument('--betas', default='', help='comma list; empty = the config\'s beta')
   p.add_argument('--seeds', default='0')
   p.add_argument('--set', default='', help='extra config overrides, k=v,k=v')

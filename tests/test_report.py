@@ -175,3 +175,16 @@ def test_report_keeps_adapters_apart_and_names_the_machines(tmp_path, capsys):
   assert '| lorm | fashion_mnist | 0.5 | 5 | bfloat16 | 40.00 +- 14.14 (n=2) |' in out
   assert '| 42, 2 | CPU A x1; not recorded x1 |' in out
 
+
+
+def test_sweep_runs_every_method_in_the_report_order(tmp_path, capsys):
+  from lorm_jax.methods import METHODS
+  sweep.main(['--config=configs/smoke.py', '--methods=all', '--skip=target,joint',
+              f'--root={tmp_path}', '--dry-run'])
+  out = capsys.readouterr().out
+  ran = [l.split('--config.method=')[1].split()[0] for l in out.splitlines() if 'method=' in l]
+  assert sorted(ran) == sorted(set(METHODS) - {'target', 'joint'})
+  assert ran[0] == 'joint_fed' and ran[-1] == 'lorm'
+  with pytest.raises(SystemExit):
+    sweep.main(['--config=configs/smoke.py', '--methods=lorm,nope', '--dry-run'])
+  assert 'unknown method(s) nope' in capsys.readouterr().err
