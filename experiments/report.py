@@ -98,6 +98,10 @@ def label(r: dict) -> str:
   return r['method'] if adapter == 'lora' else f"{r['method']}+{adapter}"
 
 
+def _order(method: str) -> int:
+  return METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+
+
 def group(results: list[dict]) -> dict[tuple[str, str], list[float]]:
   """(method label, dataset) -> final accuracies (%) over seeds."""
   cells = collections.defaultdict(list)
@@ -199,8 +203,8 @@ def local_table(results: list[dict]) -> str:
     return '(no runs on the embedded configs)'
   lines = ['| method | dataset | beta | local epochs | matmuls | final accuracy % | forgetting % '
            '| wall s | runs | seeds | machine |', '|---|---|---|---|---|---|---|---|---|---|---|']
-  for (m, d, beta, epochs, mm), rs in sorted(rows.items(),
-                                             key=lambda kv: tuple(map(str, kv[0]))):
+  for (m, d, beta, epochs, mm), rs in sorted(
+      rows.items(), key=lambda kv: (str(kv[0][1:]), _order(kv[1][0]['method']), kv[0][0])):
     acc = [100 * r['final_accuracy'] for r in rs]
     fgt = [100 * r['forgetting'] for r in rs]
     wall = np.mean([r['wall_seconds'] for r in rs])
