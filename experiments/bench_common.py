@@ -80,11 +80,6 @@ def measure_bandwidth_gbs(mbytes: int = 1024, repeats: int = 7) -> float:
   return x.nbytes / seconds / 1e9
 
 
-def cpu_kind() -> str:
-  """The CPU model and its widest matrix instructions (`runtime.cpu_kind`)."""
-  return runtime.cpu_kind()
-
-
 def machine_description() -> str:
   """CPU model, usable cores, 1-min load average, jax version and device."""
   cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') \

@@ -249,7 +249,7 @@ def main(argv=None):
     text = render_precision(name, rows, machine, 'python -m experiments.bench_train --precision')
     print(text)
     if not args.no_write:
-      bc.write_section(f'Compute dtype on this CPU ({bc.cpu_kind()})', text)
+      bc.write_section(f'Compute dtype on this CPU ({runtime.cpu_kind()})', text)
     return rows
   if args.vmap_breakdown:
     rows = [vmap_breakdown(name, shape, args.repeats) for name, shape in shapes.items()

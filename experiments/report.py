@@ -98,7 +98,9 @@ def label(r: dict) -> str:
   return r['method'] if adapter == 'lora' else f"{r['method']}+{adapter}"
 
 
-def _order(method: str) -> int:
+def method_rank(method: str) -> int:
+  """A method's place in METHOD_ORDER (the paper's table, then the newer
+  methods; after all of them if it is not listed)."""
   return METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
 
 
@@ -204,7 +206,7 @@ def local_table(results: list[dict]) -> str:
   lines = ['| method | dataset | beta | local epochs | matmuls | final accuracy % | forgetting % '
            '| wall s | runs | seeds | machine |', '|---|---|---|---|---|---|---|---|---|---|---|']
   for (m, d, beta, epochs, mm), rs in sorted(
-      rows.items(), key=lambda kv: (str(kv[0][1:]), _order(kv[1][0]['method']), kv[0][0])):
+      rows.items(), key=lambda kv: (str(kv[0][1:]), method_rank(kv[1][0]['method']), kv[0][0])):
     acc = [100 * r['final_accuracy'] for r in rs]
     fgt = [100 * r['forgetting'] for r in rs]
     wall = np.mean([r['wall_seconds'] for r in rs])
@@ -232,8 +234,7 @@ def runs_table(results: list[dict]) -> str:
 
 
 def bar_chart(path: str, cells) -> None:
-  methods = sorted({m for m, _ in cells}, key=lambda m: METHOD_ORDER.index(m)
-                   if m in METHOD_ORDER else 99)
+  methods = sorted({m for m, _ in cells}, key=method_rank)
   datasets = sorted({d for _, d in cells})
   fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(datasets) * max(1, len(methods)) / 3, 3.5))
   width = 0.8 / max(1, len(methods))
@@ -361,7 +362,7 @@ def reference_tables(ours: dict, ref: dict) -> str:
             '|---|---|---|---|']
   for e in sorted({e for _, e in ref}):
     methods = sorted((m for m, e2 in ref if e2 == e and (m, e) in ours),
-                     key=lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else 99)
+                     key=method_rank)
     for i, a in enumerate(methods):
       for b in methods[i + 1:]:
         lines.append(f'| {e} | {b} - {a} | {_interval(*welch(ours[b, e], ours[a, e]))} | '

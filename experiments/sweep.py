@@ -24,9 +24,9 @@ from lorm_jax.errors import UserError, argument_parser, report_user_errors
 def method_names(methods: str, skip: str = '') -> list[str]:
   """The comma list `methods` ('all': every registered method, in the
   report's order) less the comma list `skip`; an unknown name is a UserError."""
-  from experiments.report import METHOD_ORDER  # pylint: disable=import-outside-toplevel
+  from experiments.report import method_rank  # pylint: disable=import-outside-toplevel
   from lorm_jax.methods import METHODS  # pylint: disable=import-outside-toplevel
-  every = sorted(METHODS, key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else 99, m))
+  every = sorted(METHODS, key=lambda m: (method_rank(m), m))
   names = every if methods == 'all' else methods.split(',')
   dropped = skip.split(',') if skip else []
   unknown = [m for m in names + dropped if m not in METHODS]
