@@ -50,7 +50,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from experiments import bench_common as bc
-from lorm_jax import methods as methods_lib, metrics
+from lorm_jax import methods as methods_lib, metrics, runtime
 from lorm_jax.federated import client, setup, sizing
 from lorm_jax.federated.runner import ClientRunner
 from lorm_jax.methods import ClientResults
@@ -601,7 +601,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def _machine_cpu() -> str:
   """CPU model and cores (no JAX device: compile-only runs on any machine)."""
   cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-  return f'{bc._cpu_model()}, {cores} cores, jax {jax.__version__}'  # pylint: disable=protected-access
+  return f'{runtime.cpu_model()}, {cores} cores, jax {jax.__version__}'
 
 
 if __name__ == '__main__':
