@@ -82,8 +82,7 @@ def measure_bandwidth_gbs(mbytes: int = 1024, repeats: int = 7) -> float:
 
 def machine_description() -> str:
   """CPU model, usable cores, 1-min load average, jax version and device."""
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') \
-      else os.cpu_count()
+  cores = runtime.available_cores()
   load = os.getloadavg()[0] if hasattr(os, 'getloadavg') else float('nan')
   dev = jax.devices()[0]
   return (f'{runtime.cpu_model()}, {cores} cores (load avg {load:.1f} at start), '

@@ -600,8 +600,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def _machine_cpu() -> str:
   """CPU model and cores (no JAX device: compile-only runs on any machine)."""
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-  return f'{runtime.cpu_model()}, {cores} cores, jax {jax.__version__}'
+  return f'{runtime.cpu_model()}, {runtime.available_cores()} cores, jax {jax.__version__}'
 
 
 if __name__ == '__main__':

@@ -40,13 +40,14 @@ from __future__ import annotations
 
 import collections
 import functools
-import os
 from typing import Any, Callable, Hashable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.scipy.linalg import cho_factor, cho_solve
+
+from lorm_jax import runtime
 
 PyTree = Any
 
@@ -58,8 +59,7 @@ __all__ = [
 
 _F32 = jnp.float32
 # XLA:CPU's intra-op pool has one thread per usable core.
-_THREADS = (len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
-            else os.cpu_count() or 1)
+_THREADS = runtime.available_cores()
 _EPS32 = float(jnp.finfo(jnp.float32).eps)
 
 

@@ -176,7 +176,6 @@ def test_report_keeps_adapters_apart_and_names_the_machines(tmp_path, capsys):
   assert '| 42, 2 | CPU A x1; not recorded x1 |' in out
 
 
-
 def test_sweep_runs_every_method_in_the_report_order(tmp_path, capsys):
   from lorm_jax.methods import METHODS
   sweep.main(['--config=configs/smoke.py', '--methods=all', '--skip=target,joint',
