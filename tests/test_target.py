@@ -203,7 +203,7 @@ def test_student_reinit_redraws_linear_layers_and_keeps_the_rest(tiny):
   assert abs(float(jnp.std(st['head']['bias'])) - 1.0) < 0.5
 
 
-def test_after_task_fills_the_pool_and_snapshots_the_teacher(tiny):
+def test_after_task_fills_the_pool_and_snapshots_the_teacher(tiny, capsys):
   fm, p, theta = tiny
   method = make_method('target', _config(**SHRUNK))
   assert method.pool_size == 48
@@ -227,6 +227,11 @@ def test_after_task_fills_the_pool_and_snapshots_the_teacher(tiny):
   # the second boundary reuses the compiled steps
   again = method.after_task(new, 1, backbone, jax.random.key(2))
   assert float(again['extra']['synthesis']['compile_seconds']) == 0.0
+  # with the progress bar, which waits for each round's losses: the same pool
+  capsys.readouterr()
+  shown = method.after_task(server, 0, backbone._replace(progress=True), jax.random.key(1))
+  assert 'synthesis' in capsys.readouterr().err
+  np.testing.assert_array_equal(np.asarray(shown['extra']['pool']), pool)
   # last_task_synthesis off: only the teacher snapshot after the last task
   off = make_method('target', _config(**SHRUNK, last_task_synthesis=False))
   kept = off.after_task(new, 1, backbone, jax.random.key(2))

@@ -330,7 +330,7 @@ def _run(config: ConfigDict, workdir: str, lock: checkpointing.WorkdirLock | Non
       save()
 
     t0 = time.time()
-    server, upload = finish_task(exp, passes, server, t)
+    server, upload = finish_task(exp, passes, server, t, progress)
     meta.comm_up += upload
     acc, per_task = evaluate(exp, passes, method, server, t, c.eval_batch_size)
     row = [float(x) for x in per_task] + [None] * (num_tasks - t - 1)
@@ -458,11 +458,13 @@ def _round_record(exp: Experiment, t: int, r: int, ids: np.ndarray, rplan: inter
           '_steps': int(jnp.sum(stats['steps']))}
 
 
-def finish_task(exp: Experiment, passes: Passes, server: dict, t: int) -> tuple[dict, int]:
+def finish_task(exp: Experiment, passes: Passes, server: dict, t: int,
+                progress: bool = False) -> tuple[dict, int]:
   """After the last round of task t: the method's end-of-task Gram pass (by the
   last round's participants, with the server's factors), its cross-task
-  merge and its server-side work (`after_task`). Returns the new server state
-  and the bytes the clients uploaded."""
+  merge and its server-side work (`after_task`, which may show a progress bar
+  if `progress`). Returns the new server state and the bytes the clients
+  uploaded."""
   c, method = exp.config, exp.method
   plan, task_grams, upload = method.task_end_plan(server, t), None, 0
   if plan is not None:
@@ -474,7 +476,8 @@ def finish_task(exp: Experiment, passes: Passes, server: dict, t: int) -> tuple[
     upload = len(ids) * F.row_size_bytes(per_client)
   _check_finite('end-of-task Gram', passes.runner.host(task_grams), t, c.rounds - 1)
   server = method.end_task(server, t, task_grams)
-  backbone = interface.ServerBackbone(exp.model, exp.params.frozen, exp.preprocess_train)
+  backbone = interface.ServerBackbone(exp.model, exp.params.frozen, exp.preprocess_train,
+                                      progress)
   server = passes.runner.replicate(
       method.after_task(server, t, backbone, rng.key(c.seed, 'after_task', t)))
   _check_finite('cross-task merge', passes.runner.host(server), t, c.rounds - 1)

@@ -164,10 +164,12 @@ class RoundPlan:
 class ServerBackbone(NamedTuple):
   """What server-side work (`Method.after_task`) may compute with: the
   model, its frozen weights (Flat, W0) and the training preprocessing
-  (key, uint8 (B,H,W,C)) -> float32 images."""
+  (key, uint8 (B,H,W,C)) -> float32 images; `progress`: long work may show
+  a progress bar (the run's own bar is on)."""
   model: FunctionalViT
   frozen: Flat
   preprocess: Callable[[jax.Array, jax.Array], jax.Array]
+  progress: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -58,6 +58,7 @@ import numpy as np
 import optax
 from flax import nnx
 from ml_collections import ConfigDict
+from tqdm.auto import tqdm
 
 from lorm_jax.data import augment, partition
 from lorm_jax.methods.base import Server
@@ -358,11 +359,12 @@ class Synthesizer:
     return optax.apply_updates(student, upd), opt_state, loss
 
   # -- the whole synthesis --------------------------------------------------
-  def run(self, frozen: F.Flat, theta: dict, num_targets: int, key: jax.Array
-          ) -> tuple[jax.Array, dict]:
+  def run(self, frozen: F.Flat, theta: dict, num_targets: int, key: jax.Array,
+          progress: bool = False) -> tuple[jax.Array, dict]:
     """The task boundary's synthesis with teacher W0 + theta ({'a', 'b',
-    'head'}): targets drawn from classes 0 .. num_targets - 1. Returns (pool
-    uint8 (pool_size, S, S, C), {name: float} of SYNTHESIS_KEYS)."""
+    'head'}): targets drawn from classes 0 .. num_targets - 1; `progress`
+    shows a bar over the synthesis rounds. Returns (pool uint8 (pool_size, S,
+    S, C), {name: float} of SYNTHESIS_KEYS)."""
     s = self.spec
     t0 = time.perf_counter()
     before = self.counters()
@@ -377,6 +379,8 @@ class Synthesizer:
     pool = jnp.zeros((s.pool_size, size, size, self.channels), jnp.uint8)
     count = 0
     gen_loss = kd_loss = jnp.float32(0.0)
+    bar = tqdm(total=s.syn_round, desc='synthesis', unit='round', leave=False,
+               disable=not progress, dynamic_ncols=True)
     for rnd in range(s.syn_round):
       ep = rnd + 1
       k_z, k_t, k_steps, k_kd, k_reset = jax.random.split(jax.random.fold_in(k_rounds, rnd), 5)
@@ -400,6 +404,10 @@ class Synthesizer:
         for i in range(s.kd_steps):
           student, student_state, kd_loss = self.kd_step(
               student, student_state, pool, jnp.int32(count), jnp.int32(i), k_kd, teacher)
+      if progress:  # reading the losses waits for the round: the bar shows work done
+        bar.set_postfix(gen_loss=f'{float(gen_loss):.3f}', kd_loss=f'{float(kd_loss):.3f}')
+      bar.update(1)
+    bar.close()
     pool = jax.block_until_ready(pool)
     after = self.counters()
     info = {'seconds': time.perf_counter() - t0,
@@ -534,7 +542,8 @@ class TARGET(ContinualLoRA):
     k = server['head']['kernel'].shape[1]
     last = int(np.max(self.task_classes(k)[task]))
     num_targets = max(last if self.drop_last_class else last + 1, 1)
-    pool, info = self.synthesizer(backbone).run(backbone.frozen, theta, num_targets, key)
+    pool, info = self.synthesizer(backbone).run(backbone.frozen, theta, num_targets, key,
+                                                backbone.progress)
     extra = {**extra, 'pool': pool,
              'synthesis': {name: jnp.float32(info[name]) for name in SYNTHESIS_KEYS}}
     return {**server, 'extra': extra}
