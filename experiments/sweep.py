@@ -10,7 +10,10 @@
 Every run is its own `experiments.run` process with its own workdir
 ROOT/<method>_beta<beta>_seed<seed>[_<setting>]; a workdir holding a
 results.json is skipped, one holding a checkpoint is resumed. Then
-`python -m experiments.report ROOT/*` tabulates them.
+`python -m experiments.report ROOT/*` tabulates them. `--set` names the
+folder, except `model.dtype`: the precision is in each run's results.json
+(the report keys its rows by it), so pinning it with `--set
+model.dtype=bfloat16` still finds, and skips, the folders `auto` wrote.
 """
 from __future__ import annotations
 
@@ -19,6 +22,10 @@ import subprocess
 import sys
 
 from lorm_jax.errors import UserError, argument_parser, report_user_errors
+
+
+# Overrides that leave the folder name alone: they are recorded in results.json.
+UNNAMED = ('model.dtype=',)
 
 
 def method_names(methods: str, skip: str = '') -> list[str]:
@@ -38,7 +45,8 @@ def method_names(methods: str, skip: str = '') -> list[str]:
 def run_dirs(args) -> list[tuple[str, list[str]]]:
   """(workdir, command) for every combination."""
   out = []
-  setting = args.set.replace('=', '').replace(',', '_') if args.set else ''
+  overrides = list(filter(None, args.set.split(',')))
+  setting = '_'.join(kv.replace('=', '') for kv in overrides if not kv.startswith(UNNAMED))
   for method in method_names(args.methods, args.skip):
     for beta in (args.betas.split(',') if args.betas else ['']):
       for seed in args.seeds.split(','):
@@ -49,7 +57,7 @@ def run_dirs(args) -> list[tuple[str, list[str]]]:
                f'--workdir={workdir}', f'--config.method={method}', f'--config.seed={seed}']
         if beta:
           cmd.append(f'--config.beta={beta}')
-        for kv in filter(None, args.set.split(',')):
+        for kv in overrides:
           cmd.append(f'--config.{kv}')
         out.append((workdir, cmd))
   return out

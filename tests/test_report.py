@@ -48,6 +48,16 @@ def test_sweep_skips_finished_runs(tmp_path, capsys):
               f'--root={tmp_path}', '--dry-run'])
   out = capsys.readouterr().out
   assert 'skip (done)' in out and 'lorm_seed1' in out and '--config.seed=1' in out
+  # Pinning the precision names no new folder: the finished seed-0 run is still skipped.
+  sweep.main(['--config=configs/smoke.py', '--methods=lorm', '--seeds=0,1', f'--root={tmp_path}',
+              '--set=model.dtype=bfloat16', '--dry-run'])
+  out = capsys.readouterr().out
+  assert f'skip (done): {tmp_path}/lorm_seed0\n' in out
+  assert f'--workdir={tmp_path}/lorm_seed1 ' in out and '--config.model.dtype=bfloat16' in out
+  # Other settings do name it.
+  sweep.main(['--config=configs/smoke.py', '--methods=lorm', '--seeds=0', f'--root={tmp_path}',
+              '--set=model.dtype=bfloat16,lr_head=0.1', '--dry-run'])
+  assert f'--workdir={tmp_path}/lorm_seed0_lr_head0.1 ' in capsys.readouterr().out
 
 
 def test_report_lists_runs_with_local_epochs_and_per_task_rows(tmp_path, capsys):
