@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from experiments import bench_merge, bench_round, bench_train, gpu_check
+from experiments import bench_merge, bench_round, bench_synthesis, bench_train, gpu_check
 
 
 def _positive(x):
@@ -27,6 +27,19 @@ def test_bench_train_tiny():
 def test_bench_train_vmap_breakdown_tiny():
   rows = bench_train.main(['--tiny', '--vmap-breakdown', '--repeats=1'])
   assert len(rows) == 1 and all(_positive(v) for k, v in rows[0].items() if k != 'name')
+
+
+def test_bench_synthesis_tiny():
+  out = bench_synthesis.main(['--tiny', '--repeats=1'])
+  rows = out['rows']
+  for r in rows.values():
+    assert _positive(r['seconds']) and _positive(r['gflop']), r
+  # The adversarial term adds the student's pass to a generator step.
+  assert rows['gen_step, adv on']['gflop'] > rows['gen_step, adv off']['gflop']
+  # 19 rounds without the student, 11 with it, 10 x 50 student steps (the reference's schedule).
+  want = 80 * (19 * rows['gen_step, adv off']['gflop'] + 11 * rows['gen_step, adv on']['gflop']) \
+      + 500 * rows['kd_step']['gflop']
+  assert math.isclose(out['projection']['tflop'], want / 1e3, rel_tol=1e-9)
 
 
 def test_bench_merge_tiny():
