@@ -2,6 +2,7 @@
 
   python -m experiments.bench_synthesis                   # the embedded default's shapes
   python -m experiments.bench_synthesis --tiny            # tiny ViT, small generator (tests)
+  python -m experiments.bench_synthesis --cpu-devices=2   # also: inputs replicated, as a run's
 
 A synthesis (`lorm_jax.methods.target.Synthesizer.run`) is syn_round rounds of
 g_steps generator steps, each step the generator's and the teacher's forward
@@ -21,7 +22,11 @@ here) with the config's `target.*` constants:
   kd_step         one distillation step of the student
 
 each as one jitted call, median after a compiling call, with XLA's FLOP count
-of it, and a synthesis projected from them. Writes the "TARGET synthesis"
+of it, and a synthesis projected from them. With several devices
+(`--cpu-devices`, as `experiments.run` makes one per core), the generator
+step once more with its inputs replicated over all of them, as a run's server
+state is: such a step runs whole on every device (the synthesis therefore
+moves its inputs to one device first, `target.on_one_device`). Writes the "TARGET synthesis"
 section of BENCHMARKS.md.
 """
 from __future__ import annotations
@@ -32,6 +37,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from experiments import bench_common as bc
 from lorm_jax import runtime
@@ -115,6 +121,12 @@ def measure(config, repeats: int) -> dict[str, dict]:
     rows[f'gen_step, adv {"on" if adv_on else "off"}'] = _timed(
         syn._gen_step, (carry, targets, keys[3], teacher, student), repeats,  # pylint: disable=protected-access
         {'adv_on': adv_on})
+  if jax.device_count() > 1:
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ('d',))
+    rep = jax.device_put((carry, targets, keys[3], teacher, student),
+                         jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    rows[f'gen_step, adv on, inputs replicated over {jax.device_count()} devices'] = _timed(
+        syn._gen_step, rep, repeats, {'adv_on': True})  # pylint: disable=protected-access
   rows['kd_step'] = _timed(
       syn._kd_step, (student, syn.student_opt.init(student), pool, jnp.int32(s.pool_size),  # pylint: disable=protected-access
                      jnp.int32(0), keys[3], teacher), repeats)
@@ -157,13 +169,19 @@ def main(argv=None) -> dict[str, Any]:
                       "nz 32 (implies --no-write)")
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--no-write', action='store_true')
+  parser.add_argument('--cpu-devices', type=int, default=None,
+                      help='CPU devices to expose (0: one per core, as experiments.run does); '
+                      'must come before anything else uses JAX in this process')
   args = parser.parse_args(argv)
+  if args.cpu_devices is not None:
+    runtime.set_cpu_devices(args.cpu_devices)
   config = _config('configs.smoke' if args.tiny else 'configs.default', args.tiny)
   name = ('tiny ViT @ 28 px (smoke)' if args.tiny else
           f'{config.model.name} @ {config.image_size} px (embedded default)')
   rows = measure(config, args.repeats)
   proj = projection(make_method('target', config).synthesis_spec(), rows)
-  cmd = 'python -m experiments.bench_synthesis' + (' --tiny' if args.tiny else '')
+  cmd = 'python -m experiments.bench_synthesis' + (' --tiny' if args.tiny else '') + (
+      f' --cpu-devices={args.cpu_devices}' if args.cpu_devices is not None else '')
   text = render(name, config, rows, proj, bc.machine_description(), cmd)
   print(text)
   if not (args.no_write or args.tiny):

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -236,6 +239,34 @@ def test_after_task_fills_the_pool_and_snapshots_the_teacher(tiny, capsys):
   off = make_method('target', _config(**SHRUNK, last_task_synthesis=False))
   kept = off.after_task(new, 1, backbone, jax.random.key(2))
   np.testing.assert_array_equal(np.asarray(kept['extra']['pool']), pool)
+
+
+def test_synthesis_inputs_go_to_one_device():
+  # A run's server state is replicated over its devices; a step compiled for
+  # replicated inputs would run whole on each of them (on a CPU, sharing its cores).
+  code = textwrap.dedent('''
+      import jax, jax.numpy as jnp, numpy as np
+      jax.config.update('jax_num_cpu_devices', 2)
+      from jax.sharding import Mesh, NamedSharding, PartitionSpec
+      from lorm_jax.methods.target import on_one_device
+      mesh = Mesh(np.array(jax.devices()), ('clients',))
+      tree = {'w': jnp.arange(6.0).reshape(2, 3), 'key': jax.random.key(3),
+              'sharded': jnp.arange(4.0)}
+      rep = jax.device_put({k: tree[k] for k in ('w', 'key')}, NamedSharding(mesh, PartitionSpec()))
+      rep['sharded'] = jax.device_put(tree['sharded'], NamedSharding(mesh, PartitionSpec('clients')))
+      assert all(len(x.sharding.device_set) == 2 for x in jax.tree.leaves(rep))
+      one = on_one_device(rep)
+      for x, y in zip(jax.tree.leaves(one), jax.tree.leaves(tree)):
+        assert x.sharding.device_set == {jax.local_devices()[0]}, x.sharding
+        if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+          np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+      np.testing.assert_array_equal(jax.random.key_data(one['key']), jax.random.key_data(tree['key']))
+      out = jax.jit(lambda t: t['w'] * 2 + jax.random.normal(t['key'], (3,)))(one)
+      assert out.sharding.device_set == {jax.local_devices()[0]}
+      print('ok')
+      ''')
+  done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=False)
+  assert done.returncode == 0 and done.stdout.strip() == 'ok', done.stderr[-2000:]
 
 
 def test_smoke_run_through_the_loop(tmp_path):

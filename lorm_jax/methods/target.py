@@ -41,7 +41,10 @@ trained whole: it is server-side only and never sent to clients.
 Every step is one compiled function (`jax.jit(...).lower(...).compile()`,
 whose `cost_analysis()` gives its FLOPs and bytes): the generator step runs
 the teacher (and from `warmup` on the student) forward and backward to the
-images. `after_task` records the synthesis's wall seconds, compile seconds,
+images. The synthesis runs on one device (`on_one_device`): the server
+state arrives replicated over the run's devices, and a step compiled for
+replicated inputs runs whole on every device, which on a CPU share one
+machine's cores (`python -m experiments.bench_synthesis --cpu-devices=2`). `after_task` records the synthesis's wall seconds, compile seconds,
 FLOPs and bytes accessed, and the last generator and student losses in
 server['extra']['synthesis'] (float32 scalars).
 """
@@ -141,6 +144,19 @@ def synthesis_augment(key: jax.Array, images: jax.Array, mean: jax.Array, std: j
 def quantize(images: jax.Array) -> jax.Array:
   """[0, 1] float images -> uint8 as the reference saves them: clamp, x 255, truncate."""
   return jnp.floor(jnp.clip(images, 0.0, 1.0) * 255.0).astype(jnp.uint8)
+
+
+def on_one_device(tree: Any) -> Any:
+  """tree's arrays on this process's first device: a replicated array's local
+  copy, any other array gathered there (every process of a multi-process run
+  computes the same synthesis from the same replicated inputs)."""
+  device = jax.local_devices()[0]
+
+  def one(x):
+    if isinstance(x, jax.Array) and x.sharding.is_fully_replicated:
+      x = x.addressable_shards[0].data
+    return jax.device_put(x, device)
+  return jax.tree.map(one, tree)
 
 
 def reinit_student(frozen: F.Flat, head: F.Flat, key: jax.Array) -> dict:
@@ -368,6 +384,7 @@ class Synthesizer:
     s = self.spec
     t0 = time.perf_counter()
     before = self.counters()
+    frozen, theta, key = on_one_device((frozen, theta, key))
     k_gen, k_student, k_rounds = jax.random.split(key, 3)
     a, b = F.full_lora(self.model, theta['a'], theta['b'])
     teacher = {'frozen': self.model.compute_view(frozen), 'a': a, 'b': b, 'head': theta['head']}
