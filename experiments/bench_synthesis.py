@@ -87,10 +87,8 @@ def _timed(fn: Callable, args: tuple, repeats: int, static: dict | None = None) 
   """Seconds per call (median after the compiling call) and XLA's FLOPs of fn(*args)."""
   compiled = jax.jit(fn, static_argnames=tuple(static or ())).lower(
       *args, **(static or {})).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops, _ = T._cost(compiled)  # pylint: disable=protected-access
   seconds = bc.time_fn(compiled, *args, repeats=repeats)
-  flops = float(cost.get('flops', float('nan')))
   return {'seconds': seconds, 'gflop': flops / 1e9, 'gflops': flops / seconds / 1e9}
 
 
@@ -146,9 +144,8 @@ def projection(spec: T.SynthesisSpec, rows: dict[str, dict]) -> dict[str, float]
           'tflop': sum(n * rows[k]['gflop'] for k, n in calls.items()) / 1e3}
 
 
-def render(name: str, config, rows: dict[str, dict], proj: dict[str, float], machine: str,
-           cmd: str) -> str:
-  s = make_method('target', config).synthesis_spec()
+def render(name: str, config, s: T.SynthesisSpec, rows: dict[str, dict],
+           proj: dict[str, float], machine: str, cmd: str) -> str:
   lines = [f'Command: `{cmd}`  ', f'Machine: {machine}  ',
            f'{name}, compute dtype {config.model.dtype}; synthesis batch {s.batch}, generator '
            f'nz {s.nz}, ngf {s.ngf}; one jitted call per row, median of repeated calls after '
@@ -179,10 +176,11 @@ def main(argv=None) -> dict[str, Any]:
   name = ('tiny ViT @ 28 px (smoke)' if args.tiny else
           f'{config.model.name} @ {config.image_size} px (embedded default)')
   rows = measure(config, args.repeats)
-  proj = projection(make_method('target', config).synthesis_spec(), rows)
+  spec = make_method('target', config).synthesis_spec()
+  proj = projection(spec, rows)
   cmd = 'python -m experiments.bench_synthesis' + (' --tiny' if args.tiny else '') + (
       f' --cpu-devices={args.cpu_devices}' if args.cpu_devices is not None else '')
-  text = render(name, config, rows, proj, bc.machine_description(), cmd)
+  text = render(name, config, spec, rows, proj, bc.machine_description(), cmd)
   print(text)
   if not (args.no_write or args.tiny):
     bc.write_section('TARGET synthesis', text)

@@ -44,7 +44,8 @@ the teacher (and from `warmup` on the student) forward and backward to the
 images. The synthesis runs on one device (`on_one_device`): the server
 state arrives replicated over the run's devices, and a step compiled for
 replicated inputs runs whole on every device, which on a CPU share one
-machine's cores (`python -m experiments.bench_synthesis --cpu-devices=2`). `after_task` records the synthesis's wall seconds, compile seconds,
+machine's cores (`python -m experiments.bench_synthesis --cpu-devices=2`).
+`after_task` records the synthesis's wall seconds, compile seconds,
 FLOPs and bytes accessed, and the last generator and student losses in
 server['extra']['synthesis'] (float32 scalars).
 """
