@@ -14,7 +14,7 @@ from conftest import smoke_config
 from lorm_jax.methods import ClientResults, make_method
 from lorm_jax.methods import derpp as D
 from lorm_jax.methods import interface
-from lorm_jax.methods.ties import ties_merge, ties_merge_lora
+from lorm_jax.methods.ties import magnitude_quantile, ties_merge, ties_merge_lora
 
 
 def _results(a, b, head, num_samples, client_ids=None, state=None) -> ClientResults:
@@ -55,6 +55,21 @@ def test_ties_quantile_interpolates_and_ties_in_the_sign_sum_give_zero():
   np.testing.assert_allclose(np.asarray(got['w']), [0.0, 0.0, 0.0, 0.0])
   one = ties_merge(tau, jnp.array([True, False]), 0.5)
   np.testing.assert_allclose(np.asarray(one['w']), [0.0, 0.0, 3.0, -4.0])
+
+
+@pytest.mark.parametrize('n', [1, 2, 7, 1000])
+@pytest.mark.parametrize('q', [0.0, 0.3, 0.7, 1.0])
+def test_magnitude_quantile_is_jnp_quantile_bit_for_bit(n, q):
+  """The sort-free quantile of |x| equals jnp.quantile's (linear, in the same
+  jit) bit for bit: with repeated magnitudes, zeros, both signs; NaN gives NaN."""
+  rng = np.random.default_rng(n)
+  x = np.round(rng.normal(size=n) * 4) / 4                 # repeats and zeros
+  x[: n // 3] = rng.normal(size=n // 3)                     # and distinct values
+  x = jnp.asarray(x, jnp.float32)
+  got = jax.jit(magnitude_quantile, static_argnums=1)(x, q)
+  want = jax.jit(lambda v: jnp.quantile(jnp.abs(v), q))(x)
+  assert np.asarray(got).tobytes() == np.asarray(want).tobytes()
+  assert np.isnan(magnitude_quantile(x.at[0].set(jnp.nan), q))
 
 
 def test_ties_of_lora_factors_is_ties_of_the_stacked_task_vectors():
