@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import bench_common as bc
-from lorm_jax import runtime
+from lorm_jax import metrics, runtime
 from lorm_jax.data import augment
 from lorm_jax.methods import make_method
 from lorm_jax.methods import target as T
@@ -87,7 +87,7 @@ def _timed(fn: Callable, args: tuple, repeats: int, static: dict | None = None) 
   """Seconds per call (median after the compiling call) and XLA's FLOPs of fn(*args)."""
   compiled = jax.jit(fn, static_argnames=tuple(static or ())).lower(
       *args, **(static or {})).compile()
-  flops, _ = T._cost(compiled)  # pylint: disable=protected-access
+  flops, _ = metrics.compiled_cost(compiled)
   seconds = bc.time_fn(compiled, *args, repeats=repeats)
   return {'seconds': seconds, 'gflop': flops / 1e9, 'gflops': flops / seconds / 1e9}
 

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import bench_common as bc
-from lorm_jax import runtime
+from lorm_jax import metrics, runtime
 from lorm_jax.federated import client
 from lorm_jax.methods import interface
 from lorm_jax.models import functional as F, vit
@@ -56,9 +56,7 @@ def _model(shape) -> F.FunctionalViT:
 
 
 def _flops(jitted, *args) -> float:
-  cost = jitted.lower(*args).compile().cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get('flops', float('nan')))
+  return metrics.compiled_cost(jitted.lower(*args).compile())[0]
 
 
 class Round(NamedTuple):

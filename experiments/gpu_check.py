@@ -248,10 +248,9 @@ def memory_row(compiled) -> dict[str, Any]:
   row['total_bytes'] = (row['argument_bytes'] + row['output_bytes'] - row['alias_bytes']
                         + row['temp_bytes'] + row['code_bytes'])
   try:
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    if cost and 'flops' in cost:
-      row['flops'] = float(cost['flops'])
+    flops, _ = metrics.compiled_cost(compiled)
+    if flops:
+      row['flops'] = flops
   except Exception:  # pylint: disable=broad-except
     pass
   return row

@@ -36,6 +36,20 @@ def vit_forward_flops(cfg: Any) -> float:
   return float(patch + cfg.depth * (dense + lora + attention) + 2 * d * cfg.num_classes)
 
 
+def compiled_cost(compiled: Any) -> tuple[float, float]:
+  """(FLOPs, bytes accessed) of a compiled executable, by XLA's cost analysis.
+
+  `compiled` is what `jax.jit(f).lower(...).compile()` returns; its
+  cost_analysis() is a dict, or a list of one dict per program in older jax.
+  Either number is 0.0 where XLA gives none.
+  """
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  cost = cost or {}
+  return float(cost.get('flops', 0.0)), float(cost.get('bytes accessed', 0.0))
+
+
 def vit_train_flops(cfg: Any) -> float:
   """Useful FLOPs of one image in a LoRA training step: the forward and the
   input gradient through every block (the same matmuls again, the patch

@@ -65,6 +65,7 @@ from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
 from lorm_jax.data import augment, partition
+from lorm_jax.metrics import compiled_cost
 from lorm_jax.methods.base import Server
 from lorm_jax.methods.continual import ContinualLoRA, _theta
 from lorm_jax.methods.interface import Batch, LossTerm, ServerBackbone, linear_head
@@ -185,15 +186,6 @@ def reinit_student(frozen: F.Flat, head: F.Flat, key: jax.Array) -> dict:
   return {'frozen': redraw(frozen, k_body), 'head': redraw(head, k_head)}
 
 
-def _cost(compiled) -> tuple[float, float]:
-  """(flops, bytes accessed) of a compiled executable (0 where XLA gives none)."""
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else {}
-  cost = cost or {}
-  return float(cost.get('flops', 0.0)), float(cost.get('bytes accessed', 0.0))
-
-
 class _Compiled:
   """A function compiled ahead of time (`jax.jit(...).lower(...).compile()`)
   once per argument signature (tree, shapes, dtypes, shardings, static
@@ -213,7 +205,7 @@ class _Compiled:
       t0 = time.perf_counter()
       exe = self._jit.lower(*args, **static).compile()
       self.compile_seconds += time.perf_counter() - t0
-      self._cache[sig] = (exe, _cost(exe))
+      self._cache[sig] = (exe, compiled_cost(exe))
     exe, (flops, nbytes) = self._cache[sig]
     self.flops += flops
     self.bytes_accessed += nbytes
