@@ -37,11 +37,11 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from experiments import bench_common as bc
 from lorm_jax import metrics, runtime
 from lorm_jax.data import augment
+from lorm_jax.federated.runner import ClientRunner
 from lorm_jax.methods import make_method
 from lorm_jax.methods import target as T
 from lorm_jax.models import functional as F, generator as G, vit
@@ -120,9 +120,9 @@ def measure(config, repeats: int) -> dict[str, dict]:
         syn._gen_step, (carry, targets, keys[3], teacher, student), repeats,  # pylint: disable=protected-access
         {'adv_on': adv_on})
   if jax.device_count() > 1:
-    mesh = jax.sharding.Mesh(np.array(jax.devices()), ('d',))
-    rep = jax.device_put((carry, targets, keys[3], teacher, student),
-                         jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    # Replicated as a run replicates its server state.
+    rep = ClientRunner(config.client_mode, 1).replicate(
+        (carry, targets, keys[3], teacher, student))
     rows[f'gen_step, adv on, inputs replicated over {jax.device_count()} devices'] = _timed(
         syn._gen_step, rep, repeats, {'adv_on': True})  # pylint: disable=protected-access
   rows['kd_step'] = _timed(

@@ -66,9 +66,10 @@ def magnitude_quantile(x: jax.Array, q: float) -> jax.Array:
   bits = jax.lax.bitcast_convert_type(mag, jnp.int32)
   n = jnp.float32(x.shape[0])
   pos = jnp.float32(q) * (n - 1)
-  low = jnp.clip(jnp.floor(pos), 0, n - 1)
+  floor = jnp.floor(pos)
+  low = jnp.clip(floor, 0, n - 1)
   high = jnp.clip(jnp.ceil(pos), 0, n - 1)
-  high_weight = pos - jnp.floor(pos)
+  high_weight = pos - floor
   low_weight = 1 - high_weight
   low_bits = _kth_smallest_bits(bits, low.astype(jnp.int32))
   # The next order statistic is the same value if it repeats, else the
