@@ -161,9 +161,11 @@ def _patient_cpu_collectives() -> None:
   """Lets a CPU device wait up to COLLECTIVE_TIMEOUT_S at a collective for the
   others (XLA_FLAGS, read when the backend starts; a value already there wins).
   XLA:CPU's own limit, 40 s, aborts the whole process when one device's share
-  of a program reaches a collective that much later than another's, as seen
-  here on a loaded 2-core machine (a 2-device test run beside the parallel
-  test suite; once a 2-device run alone, at its last task)."""
+  of a program reaches a collective that much later than another's, which a
+  busy machine can make happen without anything being wrong. (The 2-device
+  aborts once seen here, in eager gathers over the devices, were not that but
+  the stall that `runner.MAX_UNFINISHED_CALLS` prevents: traced with gdb, and
+  a longer wait only turned them into hangs.)"""
   default_xla_flag(_COLLECTIVE_TIMEOUT_FLAG, COLLECTIVE_TIMEOUT_S)
 
 

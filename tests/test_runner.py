@@ -54,6 +54,45 @@ def test_map_clients_returns_clients_in_order(mode, chunk):
   assert out['y'].shape == (7, 4)
 
 
+def _slow(w, x):
+  """Tens of milliseconds per client on a CPU: queued calls stay unfinished."""
+  for _ in range(8):
+    x = jnp.tanh(x @ w)
+  return x.sum()
+
+
+def _unfinished_at_each_call(monkeypatch, limit: int) -> list[int]:
+  """How many earlier chunk calls were unfinished as map_clients made each
+  call, over 12 one-client chunks of `_slow`, with MAX_UNFINISHED_CALLS=limit."""
+  monkeypatch.setattr(runner_lib, 'MAX_UNFINISHED_CALLS', limit)
+  runner = runner_lib.ClientRunner('vmap', 1)
+  outputs, unfinished = [], []
+  run = runner._run
+
+  def counting_run(fn, shared, chunk):
+    unfinished.append(sum(not all(x.is_ready() for x in jax.tree.leaves(o)) for o in outputs))
+    outputs.append(run(fn, shared, chunk))
+    return outputs[-1]
+
+  monkeypatch.setattr(runner, '_run', counting_run)
+  x = jnp.ones((12, 256, 256)) * jnp.arange(12.0)[:, None, None]
+  w = jnp.eye(256) * 0.5
+  out = runner.map_clients(_slow, {'w': w}, {'x': x})
+  np.testing.assert_allclose(np.asarray(out), np.asarray(jax.vmap(_slow, (None, 0))(w, x)),
+                             rtol=1e-5)
+  return unfinished
+
+
+def test_map_clients_leaves_few_calls_unfinished(monkeypatch):
+  """A pass over many chunks waits for the oldest call before it queues more
+  than MAX_UNFINISHED_CALLS (long queues stall XLA:CPU's devices; see the
+  constant). With the limit lifted the same pass does queue more: the count
+  sees unfinished calls."""
+  limit = runner_lib.MAX_UNFINISHED_CALLS
+  assert max(_unfinished_at_each_call(monkeypatch, limit)) <= limit
+  assert max(_unfinished_at_each_call(monkeypatch, 1000)) > limit
+
+
 def test_map_clients_rejects_unknown_mode():
   with pytest.raises(ValueError, match='client_mode'):
     runner_lib.ClientRunner('threads', 4)

@@ -35,6 +35,18 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 CLIENT_MODES = ('vmap', 'sequential')
 
+# Programs a pass leaves queued on the devices before it waits for the oldest.
+# XLA:CPU launches and runs the programs of several CPU devices on one thread
+# pool with as many threads as devices (or cores), and a launch holds its
+# thread while its device already has 32 unfinished programs. A long queue
+# behind a slow program, with one that holds a cross-device collective, can
+# so leave every thread waiting: one at the collective for a device whose
+# share cannot launch, the other at that launch, and none free to run the
+# queue. Seen as a 2-device smoke run stuck for 10 minutes (CI), when every
+# output array was reordered by its own eager gather (an all-to-all) queued
+# behind the training pass; hence also `_stitch`, one program for them all.
+MAX_UNFINISHED_CALLS = 2
+
 
 def balanced_order(work: np.ndarray, groups: int) -> np.ndarray:
   """Clients laid out in `groups` consecutive blocks of equal length whose summed
@@ -177,16 +189,18 @@ class ClientRunner:
     order, chunk = self._layout(num, work)
     padded = jax.tree.map(lambda x: _pad_rows(jnp.asarray(x), num + 1)[order], per_client)
     shared = self.replicate(shared)  # fixed input shardings: one compilation per pass
-    parts = [self._run(fn, shared, self._place(jax.tree.map(lambda x: x[c0:c0 + chunk], padded)))
-             for c0 in range(0, len(order), chunk)]
-    out = parts[0] if len(parts) == 1 else jax.tree.map(
-        lambda *xs: jnp.concatenate(xs, axis=0), *parts)
-    if np.array_equal(order, np.arange(num)):
-      return out
-    position = np.empty(num, np.int64)
+    parts = []
+    for c0 in range(0, len(order), chunk):
+      if len(parts) >= MAX_UNFINISHED_CALLS:
+        jax.block_until_ready(parts[-MAX_UNFINISHED_CALLS])
+      parts.append(self._run(fn, shared,
+                             self._place(jax.tree.map(lambda x: x[c0:c0 + chunk], padded))))
+    if len(parts) == 1 and np.array_equal(order, np.arange(num)):
+      return parts[0]
+    position = np.empty(num, np.int32)
     real = order < num
     position[order[real]] = np.flatnonzero(real)
-    return jax.tree.map(lambda x: x[position], out)
+    return _stitch(parts, position)
 
   def compile_ahead(self, fn: Callable, shared: dict, per_client: dict,
                     work: np.ndarray | None = None) -> threading.Thread:
@@ -234,6 +248,15 @@ class ClientRunner:
       del self._ahead[_signature(fn, shared, chunk)]
       return self._call(fn, shared, chunk)
     return done[0](shared, chunk)
+
+
+@jax.jit
+def _stitch(parts: list, position: np.ndarray) -> Any:
+  """The chunks' outputs (each (chunk, ...)) concatenated along the client
+  axis, then rows `position` (C,) of that: fn's outputs for the C clients in
+  their order. One program for the whole tree (see MAX_UNFINISHED_CALLS)."""
+  whole = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *parts)
+  return jax.tree.map(lambda x: x[position], whole)
 
 
 def _signature(fn: Callable, *trees: Any) -> tuple:
