@@ -138,8 +138,9 @@ def test_two_processes_vmapped_and_resume(two_devices, cache, tmp_path):
 # (seen on the 2-core machine, quiet or busy: a 4-device run sat at a
 # rendezvous with no CPU use until the 600 s limit), so this runs only where
 # every device has a core of its own. That stall looks like the one that
-# runner.MAX_UNFINISHED_CALLS now prevents; 4 devices on 2 cores were not
-# tried again since.
+# runner.MAX_UNFINISHED_CALLS now prevents: since it, this test passed 5 of 5
+# times on the 2-core machine (2 quiet, 3 beside a busy loop), but it stays
+# skipped there until more runs say the stall is gone.
 @pytest.mark.slow
 @pytest.mark.skipif((os.cpu_count() or 1) < 4, reason='4 CPU devices need >= 4 cores')
 def test_two_processes_of_two_devices(tmp_path):
