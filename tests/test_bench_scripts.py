@@ -7,9 +7,11 @@ with their `--tiny` flag (which writes nothing to BENCHMARKS.md); the task run o
 import json
 import math
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from experiments import bench_merge, bench_round, bench_synthesis, bench_train, gpu_check
+from experiments import bench_merge, bench_round, bench_synthesis, bench_ties, bench_train, gpu_check
 
 
 def _positive(x):
@@ -129,3 +131,18 @@ def test_bench_train_precision_tiny():
   for r in rows:
     for k in ('compile_s', 'step_ms', 'train_gflops', 'matmul_gflops'):
       assert _positive(r[k]), (k, r[k])
+
+
+def test_bench_ties_tiny_times_the_merge_and_its_thresholds():
+  """The thresholds it times are each client's 0.7 quantile of |task vector|."""
+  out = bench_ties.main(['--tiny', '--repeats=1'])
+  assert out['quantiles_s'] > 0 and out['merge_s'] > 0
+  tv = bench_ties.task_vectors(clients=2, rank=1, width=16, blocks=1, head=8, classes=2)
+  got = bench_ties.quantiles(tv['a'], tv['b'], tv['head'], tv['server_head'])
+  for i in range(2):
+    deltas = [tv['a'][k][i] @ tv['b'][k][i] for k in tv['a']]
+    flat = jnp.concatenate([d.ravel() for d in deltas] +
+                           [(tv['head'][k][i] - tv['server_head'][k]).ravel()
+                            for k in tv['head']])
+    np.testing.assert_allclose(float(got[i]), float(jnp.quantile(jnp.abs(flat), 0.7)),
+                               rtol=1e-6)
