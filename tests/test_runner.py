@@ -75,8 +75,8 @@ def _unfinished_at_each_call(monkeypatch, limit: int) -> list[int]:
     return outputs[-1]
 
   monkeypatch.setattr(runner, '_run', counting_run)
-  x = jnp.ones((12, 256, 256)) * jnp.arange(12.0)[:, None, None]
-  w = jnp.eye(256) * 0.5
+  x = jnp.ones((12, 512, 512)) * jnp.arange(12.0)[:, None, None]
+  w = jnp.eye(512) * 0.5
   out = runner.map_clients(_slow, {'w': w}, {'x': x})
   np.testing.assert_allclose(np.asarray(out), np.asarray(jax.vmap(_slow, (None, 0))(w, x)),
                              rtol=1e-5)
