@@ -40,15 +40,14 @@ def task_vectors(clients: int, rank: int, width: int, blocks: int, head: int,
       'present': jnp.ones((clients,), bool)}
 
 
+TRIM = ties.TIES.trim   # the method's default trim quantile
+
+
 @jax.jit
 def quantiles(a: dict, b: dict, head: dict, server_head: dict) -> jax.Array:
-  """(C,) trim thresholds (the 0.7 quantile of |task vector|), one client at a time."""
-  c = jax.tree.leaves(a)[0].shape[0]
-  rows = {'a': a, 'b': b, 'head': head,
-          'server_head': jax.tree.map(lambda s: jnp.broadcast_to(s, (c,) + s.shape),
-                                      server_head)}
-  one = lambda row: ties.magnitude_quantile(ties._flat(ties._lora_task_vector(row)), 0.7)
-  return jax.lax.map(one, rows)
+  """(C,) trim thresholds, as `ties_merge_lora` computes them."""
+  return ties.trim_thresholds(ties._lora_task_vector, ties.lora_rows(a, b, head, server_head),
+                              TRIM)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -60,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
            dict(clients=10, rank=2, width=384, blocks=12, head=394, classes=10))
   tv = task_vectors(**shape)
   args4 = (tv['a'], tv['b'], tv['head'], tv['server_head'])
-  merge = lambda *x: ties.ties_merge_lora(*x, trim=0.7)
+  merge = lambda *x: ties.ties_merge_lora(*x, trim=TRIM)
   out = {'quantiles_s': bench_common.time_fn(quantiles, *args4, repeats=args.repeats),
          'merge_s': bench_common.time_fn(merge, *args4, tv['present'], repeats=args.repeats)}
   print(f'{bench_common.machine_description()}\n{shape}\n'

@@ -134,7 +134,8 @@ def test_bench_train_precision_tiny():
 
 
 def test_bench_ties_tiny_times_the_merge_and_its_thresholds():
-  """The thresholds it times are each client's 0.7 quantile of |task vector|."""
+  """The thresholds it times are each client's trim quantile of |task vector|."""
+  assert bench_ties.TRIM == 0.7   # the reference's trim
   out = bench_ties.main(['--tiny', '--repeats=1'])
   assert out['quantiles_s'] > 0 and out['merge_s'] > 0
   tv = bench_ties.task_vectors(clients=2, rank=1, width=16, blocks=1, head=8, classes=2)
@@ -144,5 +145,5 @@ def test_bench_ties_tiny_times_the_merge_and_its_thresholds():
     flat = jnp.concatenate([d.ravel() for d in deltas] +
                            [(tv['head'][k][i] - tv['server_head'][k]).ravel()
                             for k in tv['head']])
-    np.testing.assert_allclose(float(got[i]), float(jnp.quantile(jnp.abs(flat), 0.7)),
+    np.testing.assert_allclose(float(got[i]), float(jnp.quantile(jnp.abs(flat), bench_ties.TRIM)),
                                rtol=1e-6)

@@ -83,6 +83,20 @@ def magnitude_quantile(x: jax.Array, q: float) -> jax.Array:
   return jnp.where(jnp.any(jnp.isnan(mag)), jnp.nan, result)
 
 
+def trim_thresholds(task_vector: Callable[[Any], Any], rows: Any, trim: float) -> jax.Array:
+  """(C,) the `trim` quantile of |task_vector(row)| over all of each row's
+  entries, one row at a time (lax.map): the thresholds TIES trims at."""
+  return jax.lax.map(lambda row: magnitude_quantile(_flat(task_vector(row)), trim), rows)
+
+
+def lora_rows(a: F.Flat, b: F.Flat, head: F.Flat, server_head: F.Flat) -> dict:
+  """The rows `_lora_task_vector` takes: the clients' factors and heads (leading
+  axis C) with the server's head broadcast to every client."""
+  c = jax.tree.leaves(a)[0].shape[0]
+  return {'a': a, 'b': b, 'head': head,
+          'server_head': jax.tree.map(lambda s: jnp.broadcast_to(s, (c,) + s.shape), server_head)}
+
+
 def ties_merge_rows(task_vector: Callable[[Any], Any], rows: Any, present: jax.Array,
                     trim: float) -> Any:
   """TIES merge of C task vectors given row by row.
@@ -93,10 +107,7 @@ def ties_merge_rows(task_vector: Callable[[Any], Any], rows: Any, present: jax.A
   vector (task_vector's structure, unscaled). The C task vectors are formed
   one at a time (lax.map / lax.scan), never stacked.
   """
-  def threshold(row):
-    return magnitude_quantile(_flat(task_vector(row)), trim)
-
-  q = jax.lax.map(threshold, rows)                                    # (C,)
+  q = trim_thresholds(task_vector, rows, trim)                        # (C,)
 
   def trimmed(row, qi, keep):
     return jax.tree.map(lambda t: jnp.where(keep & (jnp.abs(t) >= qi), t, 0.0),
@@ -144,10 +155,7 @@ def ties_merge_lora(a: F.Flat, b: F.Flat, head: F.Flat, server_head: F.Flat,
   server_head {name: (...)}, present (C,) bool. Returns ({layer: (in, out)},
   {name: (...)}).
   """
-  c = present.shape[0]
-  rows = {'a': a, 'b': b, 'head': head,
-          'server_head': jax.tree.map(lambda s: jnp.broadcast_to(s, (c,) + s.shape), server_head)}
-  merged = ties_merge_rows(_lora_task_vector, rows, present, trim)
+  merged = ties_merge_rows(_lora_task_vector, lora_rows(a, b, head, server_head), present, trim)
   return merged['deltas'], merged['head']
 
 
